@@ -1,0 +1,1 @@
+"""Privacy accounting (imports neither torch nor triton)."""

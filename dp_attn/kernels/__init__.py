@@ -1,0 +1,1 @@
+"""Triton kernel families (one file each) and their PyTorch reference twins."""

@@ -1,0 +1,84 @@
+"""Helpers shared by every kernel family: backend choice, input checks, noise keys."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels (rather than the PyTorch reference) should run.
+
+    CUDA tensors always take the kernels; CPU tensors take them only through the
+    interpreter, and the reference twin otherwise.
+    """
+    devices = {t.device.type for t in tensors}
+    if devices == {"cuda"}:
+        return True
+    return devices == {"cpu"} and interpreting()
+
+
+def backend_name(device: torch.device | str) -> str:
+    """Human-readable name of the path a tensor on `device` takes (for self-checks and logs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "triton (compiled)"
+    if device.type == "cpu" and interpreting():
+        return "triton (interpreter)"
+    return "pytorch reference"
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = FLOAT_DTYPES,
+) -> None:
+    """Raise TypeError/ValueError naming `name` when `t` is not a tensor of the expected rank/dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+
+
+def check_same(attr: str, **tensors: torch.Tensor) -> None:
+    """Raise ValueError (device) or TypeError (dtype) when tensors disagree on `attr`."""
+    values = {name: getattr(t, attr) for name, t in tensors.items()}
+    if len(set(values.values())) > 1:
+        listed = ", ".join(f"{n}={v}" for n, v in values.items())
+        error = TypeError if attr == "dtype" else ValueError
+        raise error(f"{' and '.join(values)} must share a {attr}, got {listed}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    if not (value >= 0.0) or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def noise_key(seed: int | None) -> int:
+    """The 64-bit key of one noise draw.
+
+    `seed=None` (the only setting for real training) takes fresh bits from the operating
+    system's CSPRNG, never from torch's global generator. An explicit seed is for tests.
+    """
+    if seed is None:
+        return secrets.randbits(63)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+    return seed
