@@ -3,6 +3,300 @@ kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or its reference 
 
 from __future__ import annotations
 
+import torch
+
+from .kernels import clipped_sum, per_example_norms, reference, small_layers
+from .kernels.flash_attn import check_attention_args, flash_attention_triton
+from .kernels.utils import FLOAT_DTYPES, check_nonnegative, check_same, check_tensor, use_triton
+
 # ---------------------------------------------------------------- attention
 
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    key_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact attention softmax(q kᵀ · softmax_scale) v, differentiable in q, k and v.
+
+    Layout as torch.nn.functional.scaled_dot_product_attention: q [B, H, Tq, D], k and v
+    [B, Hkv, Tk, D], output [B, H, Tq, D] in q's dtype (memory laid out as [B, Tq, H, D], like
+    SDPA's flash backend, so that `out.transpose(1, 2).reshape(B, Tq, H * D)` is a view).
+
+    - GQA/MQA: Hkv must divide H; query head h uses kv head h // (H // Hkv), and the gradients
+      of k and v are summed over the query heads that share them.
+    - softmax_scale: a finite number > 0, default 1 / sqrt(D).
+    - causal: query i sees keys j <= i + Tk - Tq (aligned bottom-right when Tq != Tk, as in
+      FlashAttention-2; the usual lower triangle when Tq == Tk).
+    - key_lengths: int32/int64 [B] on q's device, values in [0, Tk]; keys j >= key_lengths[b]
+      are masked for example b (right padding). Examples never see each other's data.
+    - A query row that sees no key (causal with Tq > Tk, or key_lengths[b] = 0) outputs 0 and
+      gets zero gradients, never NaN. B = 0 (an empty Poisson batch) gives an empty output.
+    - D in {16, 32, 64, 128, 256}; fp16, bf16, fp32 (fp32 matmuls are IEEE unless TF32 is
+      enabled with torch.backends.cuda.matmul.allow_tf32); any Tq, Tk; q, k, v may be
+      non-contiguous views (e.g. of one fused QKV projection output) and are not copied.
+    - The backward is deterministic (no atomics).
+
+    CUDA tensors run the Triton kernels; CPU tensors run them through Triton's interpreter when
+    TRITON_INTERPRET=1 and the plain-PyTorch reference otherwise. Bad arguments raise
+    TypeError/ValueError naming the argument.
+    """
+    softmax_scale = check_attention_args(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, key_lengths=key_lengths
+    )
+    if use_triton(q, k, v):
+        return flash_attention_triton(q, k, v, causal, softmax_scale, key_lengths)
+    return reference.attention_reference(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, key_lengths=key_lengths
+    )
+
 # ---------------------------------------------------------------- DP-SGD kernels for layers
+# Per-example gradient norms, clipped sums and Gaussian noise for linear, norm-affine and
+# embedding layers (DESIGN.md §1, §3). Noise is Philox (tl.randn4x) keyed by noise_key(seed)
+# (the OS CSPRNG when seed is None), every element with its own counter and lane by the rule in
+# kernels/reference.py; twin and kernel draw the same noise.
+
+
+def _backend(kernels, *tensors):
+    """The kernel module on CUDA (or under the interpreter), else the PyTorch twins."""
+    return kernels if use_triton(*tensors) else reference
+
+
+def _check_number(name: str, value, *, nonnegative: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if nonnegative:
+        check_nonnegative(name, value)
+    elif value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be None or float16, bfloat16, float32, got {out_dtype}")
+
+
+def _check_pair(x_name: str, x, g, *, same_width: bool) -> None:
+    """x [B, T, d_x] or [B, d_x] and g [B, T, d_g] or [B, d_g] on one device with one dtype."""
+    check_tensor(x_name, x, ndim=(2, 3))
+    check_tensor("g", g, ndim=(2, 3))
+    check_same("device", **{x_name: x, "g": g})
+    check_same("dtype", **{x_name: x, "g": g})
+    lead_ok = x.dim() == g.dim() and x.shape[:-1] == g.shape[:-1]
+    if not lead_ok or (same_width and x.shape != g.shape):
+        want = "the same shape" if same_width else "the same batch and sequence dimensions"
+        shapes = f"{tuple(x.shape)} and {tuple(g.shape)}"
+        raise ValueError(f"{x_name} and g must have {want}, got {shapes}")
+    if x.shape[-1] == 0 or g.shape[-1] == 0:
+        shapes = f"{tuple(x.shape)} and {tuple(g.shape)}"
+        raise ValueError(f"{x_name} and g need at least one feature, got {shapes}")
+
+
+def _check_clip_factors(clip_factors, batch: int, like: torch.Tensor) -> None:
+    check_tensor("clip_factors", clip_factors, ndim=1, dtypes=(torch.float32,))
+    if clip_factors.shape[0] != batch:
+        raise ValueError(
+            f"clip_factors must have one entry per example ({batch}), got {clip_factors.shape[0]}"
+        )
+    check_same("device", clip_factors=clip_factors, g=like)
+
+
+def _check_noise_args(noise_std, scale, out_dtype) -> tuple[float, float]:
+    _check_out_dtype(out_dtype)
+    return (
+        _check_number("noise_std", noise_std, nonnegative=True),
+        _check_number("scale", scale, nonnegative=False),
+    )
+
+
+def per_example_grad_sq_norms(
+    a: torch.Tensor, g: torch.Tensor, *, bias: bool = True, method: str | None = None
+) -> torch.Tensor:
+    """Squared L2 norm of each example's linear-layer gradient, fp32 [B].
+
+    a: activations [B, T, din] or [B, din]; g: output gradients [B, T, dout] or [B, dout].
+    Per example ‖g_iᵀ a_i‖_F², plus ‖Σ_t g_it‖² with bias. method: "ghost" (pairs of T-tiles
+    of (a aᵀ)⊙(g gᵀ)), "instantiate" (dout×din tiles of g_iᵀ a_i), or None for the cheaper by
+    FLOPs (reference.grad_norm_method). Neither holds a T×T matrix or a per-example gradient.
+    """
+    _check_pair("a", a, g, same_width=False)
+    if method not in (None, "ghost", "instantiate"):
+        raise ValueError(f"method must be None, 'ghost' or 'instantiate', got {method!r}")
+    backend = _backend(per_example_norms, a, g)
+    return backend.per_example_grad_sq_norms(a, g, bias=bias, method=method)
+
+
+def clipped_grad_sum(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    clip_factors: torch.Tensor,
+    *,
+    noise_std: float = 0.0,
+    scale: float = 1.0,
+    bias: bool = True,
+    seed: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clipped, noised linear-layer gradient: (weight_grad [dout, din], bias_grad [dout] | None).
+
+    weight_grad = scale·(Σ_i c_i g_iᵀ a_i + noise_std·N(0, I)), bias_grad likewise from
+    Σ_i c_i Σ_t g_it; one GEMM over the B·T rows with rows scaled by c_i in-kernel, noise in the
+    epilogue, fp32 accumulation, stored in out_dtype (default a.dtype). clip_factors: fp32 [B];
+    an example with c_i = 0 contributes exactly 0 even if its a or g is not finite. seed=None
+    (training) keys the noise from the OS CSPRNG; an int seed is for tests only.
+    """
+    _check_pair("a", a, g, same_width=False)
+    _check_clip_factors(clip_factors, a.shape[0], g)
+    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype)
+    return _backend(clipped_sum, a, g, clip_factors).clipped_grad_sum(
+        a, g, clip_factors, noise_std=noise_std, scale=scale, bias=bias, seed=seed,
+        out_dtype=out_dtype,
+    )
+
+
+# Tile (rows of dout, columns of din) of the weight gradient that is one block-clipping group.
+BLOCK_CLIP_TILE = reference.BLOCK_CLIP_TILE
+
+
+def block_clip_num_groups(dout: int, din: int) -> int:
+    """Number K of block-clipping groups of one [dout, din] linear layer (its bias included):
+    the BLOCK_CLIP_TILE tiles of the weight gradient. Set per-group thresholds C/√K_total."""
+    return reference.block_clip_num_groups(dout, din)
+
+
+def block_clipped_grad_sum(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    threshold: float,
+    *,
+    noise_std: float = 0.0,
+    scale: float = 1.0,
+    bias: bool = True,
+    seed: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block-clipped, noised linear-layer gradient: (weight_grad, bias_grad | None).
+
+    Each example's contribution to each group is clipped to L2 norm `threshold` before it is
+    summed. A group is one BLOCK_CLIP_TILE = (128, 128) tile of the [dout, din] weight gradient
+    (rows of dout × columns of din, aligned at 0); the bias slice of a tile's rows belongs to the
+    tile in the first column. Clip factor min(1, threshold / (norm + 1e-6)), 0 for a non-finite
+    norm. Noise, scale and dtypes as in clipped_grad_sum.
+    """
+    _check_pair("a", a, g, same_width=False)
+    threshold = _check_number("threshold", threshold, nonnegative=True)
+    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype)
+    return _backend(clipped_sum, a, g).block_clipped_grad_sum(
+        a, g, threshold, noise_std=noise_std, scale=scale, bias=bias, seed=seed,
+        out_dtype=out_dtype,
+    )
+
+
+def norm_affine_grad_sq_norms(
+    x_hat: torch.Tensor, g: torch.Tensor, *, bias: bool = True
+) -> torch.Tensor:
+    """Squared norm of each example's LayerNorm/RMSNorm affine gradient, fp32 [B].
+
+    x_hat: the normalised input [B, T, d] or [B, d]; g: output gradients of the same shape.
+    Per example ‖Σ_t g_t ⊙ x̂_t‖² (weight), plus ‖Σ_t g_t‖² with bias.
+    """
+    _check_pair("x_hat", x_hat, g, same_width=True)
+    return _backend(small_layers, x_hat, g).norm_affine_grad_sq_norms(x_hat, g, bias=bias)
+
+
+def norm_affine_clipped_grad_sum(
+    x_hat: torch.Tensor,
+    g: torch.Tensor,
+    clip_factors: torch.Tensor,
+    *,
+    noise_std: float = 0.0,
+    scale: float = 1.0,
+    bias: bool = True,
+    seed: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clipped, noised LayerNorm/RMSNorm affine gradient: (weight_grad [d], bias_grad [d] | None),
+    scale·(Σ_i c_i Σ_t g_it ⊙ x̂_it + noise_std·N(0, I)) and likewise for Σ_i c_i Σ_t g_it."""
+    _check_pair("x_hat", x_hat, g, same_width=True)
+    _check_clip_factors(clip_factors, x_hat.shape[0], g)
+    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype)
+    return _backend(small_layers, x_hat, g, clip_factors).norm_affine_clipped_grad_sum(
+        x_hat, g, clip_factors, noise_std=noise_std, scale=scale, bias=bias, seed=seed,
+        out_dtype=out_dtype,
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_embedding_inputs(ids, g, padding_idx, num_embeddings=None) -> None:
+    check_tensor("ids", ids, ndim=(1, 2), dtypes=(torch.int32, torch.int64))
+    check_tensor("g", g, ndim=ids.dim() + 1)
+    check_same("device", ids=ids, g=g)
+    if g.shape[:-1] != ids.shape or g.shape[-1] == 0:
+        shapes = f"{tuple(g.shape)} and ids {tuple(ids.shape)}"
+        raise ValueError(f"g must have shape (*ids.shape, d) with d >= 1, got {shapes}")
+    if num_embeddings is not None:
+        if not _is_int(num_embeddings) or num_embeddings < 1:
+            raise ValueError(f"num_embeddings must be an int >= 1, got {num_embeddings!r}")
+        # One device sync: an out-of-range id would make the kernel write out of bounds.
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
+            raise ValueError(f"ids must lie in [0, num_embeddings={num_embeddings})")
+    if padding_idx is not None:
+        upper = num_embeddings if num_embeddings is not None else float("inf")
+        if not _is_int(padding_idx) or not 0 <= padding_idx < upper:
+            raise ValueError(
+                f"padding_idx must be None or an int in [0, num_embeddings), got {padding_idx!r}"
+            )
+
+
+def embedding_grad_sq_norms(
+    ids: torch.Tensor, g: torch.Tensor, *, padding_idx: int | None = None
+) -> torch.Tensor:
+    """Squared norm of each example's embedding-table gradient, fp32 [B].
+
+    ids: token ids [B, T] (or [B]); g: output gradients [B, T, d] (or [B, d]). Ghost form
+    Σ_{t,s} [ids_t = ids_s] <g_t, g_s> over T×T tiles with a token-equality mask, never a
+    [B, V, d] tensor. Positions whose id is padding_idx contribute nothing.
+    """
+    _check_embedding_inputs(ids, g, padding_idx)
+    return _backend(small_layers, ids, g).embedding_grad_sq_norms(ids, g, padding_idx=padding_idx)
+
+
+def embedding_clipped_grad_sum(
+    ids: torch.Tensor,
+    g: torch.Tensor,
+    clip_factors: torch.Tensor,
+    num_embeddings: int,
+    *,
+    noise_std: float = 0.0,
+    scale: float = 1.0,
+    padding_idx: int | None = None,
+    seed: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Clipped, noised embedding-table gradient [num_embeddings, d]:
+    scale·(Σ_i c_i Σ_t onehot(ids_it) g_itᵀ + noise_std·N(0, I)), out_dtype default g.dtype.
+    The padding_idx row is exactly 0 (its gradient is 0 for every dataset: nothing to hide)."""
+    _check_embedding_inputs(ids, g, padding_idx, num_embeddings)
+    _check_clip_factors(clip_factors, ids.shape[0], g)
+    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype)
+    return _backend(small_layers, ids, g, clip_factors).embedding_clipped_grad_sum(
+        ids, g, clip_factors, num_embeddings, noise_std=noise_std, scale=scale,
+        padding_idx=padding_idx, seed=seed, out_dtype=out_dtype,
+    )
+
+
+def add_gaussian_noise_(x: torch.Tensor, std: float, *, seed: int | None = None) -> torch.Tensor:
+    """x += std·N(0, I) in place and return x (x seen as rows [-1, x.shape[-1]] for the noise
+    rule), keyed by noise_key(seed): fresh CSPRNG bits per call when seed is None. For noise added
+    once per logical step after summing micro-batches' clipped gradients with noise_std=0."""
+    check_tensor("x", x)
+    std = _check_number("std", std, nonnegative=True)
+    return _backend(clipped_sum, x).add_gaussian_noise_(x, std, seed=seed)

@@ -9,10 +9,283 @@ from __future__ import annotations
 
 import torch
 
+from .utils import noise_key
+
 # ---------------------------------------------------------------- flash attention
+
+
+def attention_visibility(tq, tk, *, causal=False, key_lengths=None, device=None):
+    """Boolean [B or 1, 1, Tq, Tk]: query i of example b sees key j iff j < key_lengths[b] and,
+    when causal, j <= i + Tk - Tq (bottom-right aligned)."""
+    rows = torch.arange(tq, device=device)[:, None]
+    cols = torch.arange(tk, device=device)[None, :]
+    visible = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if causal:
+        visible = cols <= rows + (tk - tq)
+    visible = visible[None, None]
+    if key_lengths is not None:
+        visible = visible & (cols < key_lengths.to(device)[:, None, None, None])
+    return visible
+
+
+def attention_reference(q, k, v, *, causal=False, softmax_scale=None, key_lengths=None):
+    """softmax(q kᵀ · scale) v with flash_attention's semantics, in plain PyTorch.
+
+    q [B, H, Tq, D], k and v [B, Hkv, Tk, D] with Hkv dividing H (query head h uses kv head
+    h // (H / Hkv)); scale defaults to 1/sqrt(D). Computes in fp32 (fp64 for fp64 inputs) and
+    returns q's dtype. A row that sees no key gives 0, with zero gradients (never NaN).
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    group = q.shape[1] // k.shape[1]
+    k = k.to(compute).repeat_interleave(group, dim=1)
+    v = v.to(compute).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(compute), k.transpose(-1, -2)) * scale
+    visible = attention_visibility(
+        q.shape[2], k.shape[2], causal=causal, key_lengths=key_lengths, device=q.device
+    )
+    # Rows without a visible key take finite scores (any value): their probabilities are zeroed
+    # below, so they output 0, and no -inf - (-inf) = NaN reaches the softmax or its gradient.
+    seen = visible.any(-1, keepdim=True)
+    scores = scores.masked_fill(~visible & seen, float("-inf")).masked_fill(~seen, 0.0)
+    probs = torch.softmax(scores, dim=-1) * visible
+    return torch.matmul(probs, v).to(q.dtype)
 
 
 # ---------------------------------------------------------------- per-example norms, clipped sums
 
+# Noise: a released tensor is seen as rows of length W; element (r, k) gets lane k % 4 of
+# tl.randn4x(key, base + r·⌈W/4⌉ + k // 4) (Philox-4x32-10, Box-Muller: four normals per
+# call). Linear layer: weight [dout, din] with base 0, then bias as one row of dout with base
+# dout·⌈din/4⌉. Norm affine: weight one row of d (base 0), bias one row (base ⌈d/4⌉).
+# Embedding: [V, d], base 0. add_gaussian_noise_: x as [-1, x.shape[-1]], base 0. So every
+# element of a call has its own (counter, lane), and each call has a fresh key. released_noise
+# reproduces this in plain PyTorch (uint32 arithmetic in int64 lanes): twin and kernel agree.
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_U32 = 0xFFFFFFFF
+
+
+def _mul32(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of const * x for uint32 values held in int64 (no int64 overflow)."""
+    lo_part = const * (x & 0xFFFF)
+    hi_part = const * (x >> 16)
+    hi = (hi_part + (lo_part >> 16)) >> 16
+    lo = (((hi_part & 0xFFFF) << 16) + lo_part) & _U32
+    return hi, lo
+
+
+def philox_randn4x(key: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Four float32 N(0, 1) tensors equal to Triton's tl.randn4x(key, offsets), int64 offsets."""
+    c0, c1 = offsets & _U32, offsets >> 32
+    c2 = c3 = torch.zeros_like(offsets)
+    k0, k1 = key & _U32, (key >> 32) & _U32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+
+    def uniform(x: torch.Tensor) -> torch.Tensor:  # Triton's uint_to_uniform_float
+        x = torch.where(x >= 2**31, _U32 - x, x)
+        return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+    def box_muller(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        radius = torch.sqrt(-2.0 * torch.log(torch.clamp(uniform(x), min=1.0e-7)))
+        theta = torch.tensor(6.283185307179586, dtype=torch.float32) * uniform(y)
+        return radius * torch.cos(theta), radius * torch.sin(theta)
+
+    return (*box_muller(c0, c1), *box_muller(c2, c3))
+
+
+def released_noise(key: int, rows: int, width: int, base: int = 0, device=None) -> torch.Tensor:
+    """The float32 N(0, I) noise [rows, width] of a released tensor (see the rule above)."""
+    quads = -(-width // 4)
+    counters = base + torch.arange(rows * quads, device=device, dtype=torch.int64)
+    lanes = torch.stack(philox_randn4x(key, counters), dim=-1)  # [rows·quads, 4]
+    return lanes.view(rows, quads * 4)[:, :width]
+
+
+def _noise_epilogue(acc, noise_std, scale, key, base, out_dtype):
+    """scale·(acc + noise_std·released_noise) for fp32 acc (1-D: one row), cast to out_dtype."""
+    if noise_std > 0.0:
+        rows, width = (1, acc.numel()) if acc.dim() < 2 else acc.shape
+        noise = released_noise(key, rows, width, base, device=acc.device)
+        acc = acc + noise_std * noise.view(acc.shape)
+    return (acc * scale).to(out_dtype)
+
+
+def _as_sequences(x: torch.Tensor) -> torch.Tensor:
+    """[B, d] inputs are sequences of length one: view them as [B, 1, d]."""
+    return x.unsqueeze(1) if x.dim() == 2 else x
+
+
+def _zero_dropped(x: torch.Tensor, clip_factors: torch.Tensor) -> torch.Tensor:
+    """x [B, T, d] in fp32 with the examples whose clip factor is 0 set to exactly 0, so that a
+    non-finite example (clip factor 0) contributes 0 rather than 0 * inf = NaN."""
+    return torch.where((clip_factors != 0)[:, None, None], x.float(), 0.0)
+
+
+def grad_norm_method(seq_len: int, din: int, dout: int) -> str:
+    """The cheaper exact per-example norm path by FLOPs: "ghost" costs ~T²(din+dout) per example
+    (pairs of T-tiles, symmetric), "instantiate" ~2·T·din·dout. Both paths use this rule."""
+    return "ghost" if seq_len * (din + dout) <= 2 * din * dout else "instantiate"
+
+
+def per_example_grad_sq_norms(a, g, *, bias=True, method=None):
+    """‖g_iᵀ a_i‖_F² (+ ‖Σ_t g_it‖² with bias) per example, fp32 [B]."""
+    a, g = _as_sequences(a).float(), _as_sequences(g).float()
+    method = method or grad_norm_method(a.shape[1], a.shape[2], g.shape[2])
+    if method == "ghost":
+        g_gram = torch.bmm(g, g.transpose(1, 2))
+        sq = (torch.bmm(a, a.transpose(1, 2)) * g_gram).sum((1, 2))
+        return sq + g_gram.sum((1, 2)) if bias else sq
+    sq = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+    return sq + g.sum(1).square().sum(1) if bias else sq
+
+
+def clipped_grad_sum(
+    a, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+):
+    """scale·(Σ_i c_i g_iᵀ a_i + noise_std·N(0, I)) [dout, din], and the same for the bias
+    gradient Σ_i c_i Σ_t g_it [dout] (None without bias). Examples with c_i = 0 add exactly 0."""
+    out_dtype = out_dtype or a.dtype
+    a = _zero_dropped(_as_sequences(a), clip_factors)
+    g = _zero_dropped(_as_sequences(g), clip_factors) * clip_factors[:, None, None]
+    din, dout = a.shape[2], g.shape[2]
+    key = noise_key(seed)
+    weight = g.reshape(-1, dout).T @ a.reshape(-1, din)
+    weight = _noise_epilogue(weight, noise_std, scale, key, 0, out_dtype)
+    if not bias:
+        return weight, None
+    bias_base = dout * -(-din // 4)
+    return weight, _noise_epilogue(g.sum((0, 1)), noise_std, scale, key, bias_base, out_dtype)
+
+
+# Block clipping: the privacy groups are the tiles of the weight gradient, BLOCK_CLIP_TILE =
+# (rows of dout, columns of din), aligned at 0 (edge tiles are smaller). The bias slice of
+# rows [o, o + tile rows) joins the group of the tile in the first din-column, so the number
+# of groups does not depend on the bias. Fixed (never autotuned): it defines the groups.
+BLOCK_CLIP_TILE = (128, 128)
+
+
+def block_clip_num_groups(dout: int, din: int) -> int:
+    """Number of block-clipping groups (tiles) of a [dout, din] weight (bias included)."""
+    rows, cols = BLOCK_CLIP_TILE
+    return -(-dout // rows) * -(-din // cols)
+
+
+def block_clipped_grad_sum(
+    a, g, threshold, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+):
+    """Like clipped_grad_sum, but each example's contribution to each group (weight tile, plus
+    the bias slice for first-column tiles) is clipped to L2 norm `threshold`: factor
+    min(1, threshold / (norm + 1e-6)), and 0 when the norm is not finite."""
+    out_dtype = out_dtype or a.dtype
+    a, g = _as_sequences(a).float(), _as_sequences(g).float()
+    din, dout = a.shape[2], g.shape[2]
+    rows, cols = BLOCK_CLIP_TILE
+    per_example = torch.bmm(g.transpose(1, 2), a)  # [B, dout, din]
+    per_example_bias = g.sum(1)  # [B, dout]
+    weight = torch.zeros(dout, din, dtype=torch.float32, device=a.device)
+    bias_sum = torch.zeros(dout, dtype=torch.float32, device=a.device)
+    for o in range(0, dout, rows):
+        for k in range(0, din, cols):
+            tile = per_example[:, o : o + rows, k : k + cols]
+            sq = tile.square().sum((1, 2))
+            if bias and k == 0:
+                sq = sq + per_example_bias[:, o : o + rows].square().sum(1)
+            norm = sq.sqrt()
+            factor = torch.clamp(threshold / (norm + 1e-6), max=1.0)
+            factor = torch.where(torch.isfinite(norm), factor, 0.0)
+            keep = (factor > 0)[:, None, None]
+            weight[o : o + rows, k : k + cols] = torch.where(
+                keep, tile * factor[:, None, None], 0.0
+            ).sum(0)
+            if bias and k == 0:
+                bias_slice = per_example_bias[:, o : o + rows]
+                bias_sum[o : o + rows] = torch.where(
+                    keep[:, :, 0], bias_slice * factor[:, None], 0.0
+                ).sum(0)
+    key = noise_key(seed)
+    weight = _noise_epilogue(weight, noise_std, scale, key, 0, out_dtype)
+    if not bias:
+        return weight, None
+    bias_base = dout * -(-din // 4)
+    return weight, _noise_epilogue(bias_sum, noise_std, scale, key, bias_base, out_dtype)
+
+
+def add_gaussian_noise_(x, std, *, seed=None):
+    """x += std·N(0, I) in place; x is seen as [-1, x.shape[-1]] for the noise rule."""
+    rows2d = x.float().reshape(-1, x.shape[-1] if x.dim() else 1)
+    noisy = _noise_epilogue(rows2d, std, 1.0, noise_key(seed), 0, x.dtype)
+    return x.copy_(noisy.view(x.shape))
+
 
 # ---------------------------------------------------------------- small layers (norms, embeddings)
+
+
+def norm_affine_grad_sq_norms(x_hat, g, *, bias=True):
+    """LayerNorm/RMSNorm affine parameters: ‖Σ_t g_t ⊙ x̂_t‖² (+ ‖Σ_t g_t‖² with bias), fp32 [B]."""
+    x_hat, g = _as_sequences(x_hat).float(), _as_sequences(g).float()
+    sq = (g * x_hat).sum(1).square().sum(1)
+    return sq + g.sum(1).square().sum(1) if bias else sq
+
+
+def norm_affine_clipped_grad_sum(
+    x_hat, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+):
+    """scale·(Σ_i c_i Σ_t g_it ⊙ x̂_it + noise_std·N(0, I)) [d], and the bias likewise (noise
+    base ⌈d/4⌉), or None without bias. Examples with c_i = 0 add exactly 0."""
+    out_dtype = out_dtype or x_hat.dtype
+    x_hat = _zero_dropped(_as_sequences(x_hat), clip_factors)
+    g = _zero_dropped(_as_sequences(g), clip_factors) * clip_factors[:, None, None]
+    d = g.shape[2]
+    key = noise_key(seed)
+    weight = _noise_epilogue((g * x_hat).sum((0, 1)), noise_std, scale, key, 0, out_dtype)
+    if not bias:
+        return weight, None
+    return weight, _noise_epilogue(g.sum((0, 1)), noise_std, scale, key, -(-d // 4), out_dtype)
+
+
+def _drop_padding(ids, g, padding_idx):
+    """g [B, T, d] in fp32, with positions whose id is padding_idx zeroed."""
+    g = g.float()
+    return g if padding_idx is None else torch.where((ids != padding_idx)[..., None], g, 0.0)
+
+
+def embedding_grad_sq_norms(ids, g, *, padding_idx=None):
+    """Σ_{t,s} [ids_t = ids_s] <g_t, g_s> per example (ghost norm), fp32 [B]."""
+    g = _as_sequences(g)
+    ids = ids.reshape(g.shape[:2])
+    g = _drop_padding(ids, g, padding_idx)
+    same = ids[:, :, None] == ids[:, None, :]
+    return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
+
+
+def embedding_clipped_grad_sum(
+    ids,
+    g,
+    clip_factors,
+    num_embeddings,
+    *,
+    noise_std=0.0,
+    scale=1.0,
+    padding_idx=None,
+    seed=None,
+    out_dtype=None,
+):
+    """scale·(Σ_i c_i Σ_t onehot(ids_it) g_itᵀ + noise_std·N(0, I)) [V, d]. The padding_idx row
+    is exactly 0: its gradient is 0 for every dataset, so it is released without noise."""
+    out_dtype = out_dtype or g.dtype
+    g = _as_sequences(g)
+    ids = ids.reshape(g.shape[:2])
+    g = _zero_dropped(_drop_padding(ids, g, padding_idx), clip_factors)
+    g = g * clip_factors[:, None, None]
+    d = g.shape[2]
+    weight = torch.zeros(num_embeddings, d, dtype=torch.float32, device=g.device)
+    weight.index_add_(0, ids.reshape(-1), g.reshape(-1, d))
+    weight = _noise_epilogue(weight, noise_std, scale, noise_key(seed), 0, out_dtype)
+    if padding_idx is not None:
+        weight[padding_idx] = 0
+    return weight

@@ -44,7 +44,7 @@ def check_tensor(
     ndim: int | tuple[int, ...] | None = None,
     dtypes: tuple[torch.dtype, ...] | None = FLOAT_DTYPES,
 ) -> None:
-    """Raise TypeError/ValueError naming `name` when `t` is not a tensor of the expected rank/dtype."""
+    """Raise TypeError/ValueError naming `name` unless `t` is a tensor of the expected rank/dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:

@@ -1,0 +1,340 @@
+"""Clipped, noised weight gradients of linear layers, and the shared Gaussian-noise epilogue.
+
+clipped_grad_sum: Σ_i c_i g_iᵀ a_i as one GEMM over the B·T rows; each loaded tile of rows is
+scaled by its example's clip factor before tl.dot, so clipping adds no pass over memory. The
+bias gradient is computed by extra programs of the same launch (column sums of scaled g).
+
+block_clipped_grad_sum: every program owns one BLOCK_CLIP_TILE tile of the weight gradient;
+per example it accumulates that example's tile over its T rows in registers, takes its norm,
+clips it and adds it to the tile's sum: the GEMM's FLOPs plus O(tile) per example. When the
+tiles are too few to fill the GPU, the examples are split over several programs per tile whose
+fp32 partial sums are added by the noise kernel.
+
+Noise: noise_std·z with z from tl.randn4x keyed by noise_key(seed), by the rule documented in
+reference.py (reference.released_noise is its twin). One Philox call yields four normals, so
+the epilogue costs a quarter of what tl.randn per element would.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import BLOCK_CLIP_TILE
+from .utils import interpreting, noise_key
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """All configs on a GPU; only the first through the interpreter (it fails on several)."""
+    return configs[:1] if interpreting() else configs
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must take fp32 operands: fp32 inputs (IEEE, as torch's default matmul),
+    and every dtype in the interpreter, whose bf16 tl.dot is wrong."""
+    return dtype == torch.float32 or interpreting()
+
+
+@triton.jit
+def dot_acc(x, y, acc, DOT_FP32: tl.constexpr):
+    """acc + x @ y with fp32 accumulation."""
+    if DOT_FP32:
+        out = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(x, y, acc)
+    return out
+
+
+@triton.jit
+def noise_epilogue(acc, rows, col0, width, base, key, noise_std, scale,
+                   HAS_NOISE: tl.constexpr):
+    """scale·(acc + noise_std·z) for the tile acc [R, C] at `rows` and columns col0 .. col0+C
+    (col0 a multiple of 4) of a released tensor of row length `width`.
+
+    z(r, k) is lane k % 4 of tl.randn4x(key, base + r·⌈width/4⌉ + k // 4): each Philox call
+    gives four normals (tl.randn would use one of them), every element has its own
+    (counter, lane), and a fresh key per call makes calls independent.
+    """
+    if HAS_NOISE:
+        R: tl.constexpr = acc.shape[0]
+        C: tl.constexpr = acc.shape[1]
+        counters = (base + rows.to(tl.int64)[:, None] * tl.cdiv(width, 4)
+                    + (col0 // 4 + tl.arange(0, C // 4))[None, :])
+        z1, z2, z3, z4 = tl.randn4x(key, counters)
+        # [R, C/4, 2, 2] -> [R, C]: column 4q + 2v + u is lane 2v + u of counter q.
+        z = tl.join(tl.join(z1, z3), tl.join(z2, z4)).reshape(R, C)
+        acc += noise_std * z
+    return acc * scale
+
+
+@triton.jit
+def _noise_kernel(
+    src_ptr, dst_ptr, R, W, N_SPLITS, SPLIT_STRIDE, key, base, noise_std, scale,
+    HAS_NOISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """dst[r, k] = scale·(Σ_s src[s, r, k] + noise_std·z(r, k)) for dst [R, W] contiguous and
+    src[s] [R, W] contiguous at s·SPLIT_STRIDE. dst may be src (in place, one split): each
+    element is read before it is written."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = tl.program_id(1) * BLOCK_W
+    cols = col0 + tl.arange(0, BLOCK_W)
+    offsets = rows.to(tl.int64)[:, None] * W + cols[None, :]
+    mask = (rows[:, None] < R) & (cols[None, :] < W)
+    acc = tl.zeros((BLOCK_R, BLOCK_W), tl.float32)
+    for _ in range(0, N_SPLITS):
+        acc += tl.load(src_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        src_ptr += SPLIT_STRIDE
+    acc = noise_epilogue(acc, rows, col0, W, base, key, noise_std, scale, HAS_NOISE)
+    tl.store(dst_ptr + offsets, acc.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+def finish_with_noise(src, dst, *, noise_std, scale, key, base=0):
+    """dst = scale·(Σ_s src[s] + noise_std·z) for dst [R, W] or [W] (one row) contiguous and
+    src [S, *dst.shape] whose per-split blocks are contiguous (S = 1: src may be dst)."""
+    rows, width = (1, dst.numel()) if dst.dim() < 2 else dst.shape
+    if dst.numel() == 0:
+        return dst
+    block_r = 1 if rows == 1 else 16
+    block_w = max(16, min(4096 // block_r, triton.next_power_of_2(width)))
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(width, block_w))
+    _noise_kernel[grid](
+        src, dst, rows, width, src.shape[0], src.stride(0), key, base, noise_std, scale,
+        HAS_NOISE=noise_std > 0, BLOCK_R=block_r, BLOCK_W=block_w,
+    )
+    return dst
+
+
+def add_gaussian_noise_(x, std, *, seed=None):
+    """x += std·N(0, I) in place, x seen as [-1, x.shape[-1]] for the noise rule."""
+    key = noise_key(seed)
+    if std == 0 or x.numel() == 0:
+        return x
+    work = x.contiguous()  # x itself when it is contiguous
+    rows = work.view(-1, x.shape[-1] if x.dim() else 1)
+    finish_with_noise(rows[None], rows, noise_std=std, scale=1.0, key=key)
+    return x if work is x else x.copy_(work)
+
+
+def bias_noise_base(dout: int, din: int) -> int:
+    """First Philox counter of a linear layer's bias noise: after the weight's dout·⌈din/4⌉."""
+    return dout * triton.cdiv(din, 4)
+
+
+def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, d] or [B, d] -> contiguous [B·T, d]."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+# ---------------------------------------------------------------- Σ_i c_i g_iᵀ a_i
+
+
+@triton.autotune(
+    configs=autotune_configs([
+        triton.Config({"BLOCK_O": 128, "BLOCK_I": 128, "BLOCK_R": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_O": 128, "BLOCK_I": 64, "BLOCK_R": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_O": 64, "BLOCK_I": 128, "BLOCK_R": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_O": 128, "BLOCK_I": 128, "BLOCK_R": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_R": 64}, num_warps=4, num_stages=3),
+    ]),
+    key=["ROWS", "DIN", "DOUT", "HAS_NOISE"],
+)
+@triton.jit
+def _clipped_sum_kernel(
+    a_ptr, g_ptr, c_ptr, w_ptr, b_ptr, ROWS, T, DIN, DOUT, key, BIAS_BASE, noise_std, scale,
+    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_i = tl.cdiv(DIN, BLOCK_I)
+    n_weight_tiles = tl.cdiv(DOUT, BLOCK_O) * n_i
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_o = tl.arange(0, BLOCK_O)
+    if pid < n_weight_tiles:
+        cols_o = (pid // n_i) * BLOCK_O + offs_o
+        cols_i = (pid % n_i) * BLOCK_I + tl.arange(0, BLOCK_I)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), tl.float32)
+        for r0 in range(0, ROWS, BLOCK_R):
+            rows = r0 + offs_r
+            c = tl.load(c_ptr + rows // T, mask=rows < ROWS, other=0.0)
+            # Dropped examples (c = 0) must add exactly 0, even where a or g is inf/NaN: their
+            # rows are masked out of the loads (zero-filled by the copy, no extra pass).
+            live = (rows < ROWS) & (c != 0.0)
+            rows64 = rows.to(tl.int64)
+            # gᵀ is loaded as a [BLOCK_O, BLOCK_R] tile (no tl.trans: fewer registers). Edge
+            # tiles load wrapped-around columns (no column masks): the store drops them.
+            g_t = tl.load(g_ptr + rows64[None, :] * DOUT + (cols_o % DOUT)[:, None],
+                          mask=live[None, :], other=0.0)
+            x = tl.load(a_ptr + rows64[:, None] * DIN + (cols_i % DIN)[None, :],
+                        mask=live[:, None], other=0.0)
+            g_t = (g_t * c[None, :]).to(x.dtype)
+            acc = dot_acc(g_t, x, acc, DOT_FP32)
+        acc = noise_epilogue(acc, cols_o, (pid % n_i) * BLOCK_I, DIN, 0, key, noise_std, scale,
+                             HAS_NOISE)
+        offsets = cols_o.to(tl.int64)[:, None] * DIN + cols_i[None, :]
+        mask = (cols_o[:, None] < DOUT) & (cols_i[None, :] < DIN)
+        tl.store(w_ptr + offsets, acc.to(w_ptr.dtype.element_ty), mask=mask)
+    elif HAS_BIAS:
+        # The bias programs: column sums of the scaled rows of g (no tl.dot, no loads of a).
+        cols_o = (pid - n_weight_tiles) * BLOCK_O + offs_o
+        acc_b = tl.zeros((BLOCK_O,), tl.float32)
+        for r0 in range(0, ROWS, BLOCK_R):
+            rows = r0 + offs_r
+            c = tl.load(c_ptr + rows // T, mask=rows < ROWS, other=0.0)
+            live = ((rows < ROWS) & (c != 0.0))[:, None]
+            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * DOUT + cols_o[None, :],
+                        mask=live & (cols_o[None, :] < DOUT), other=0.0)
+            acc_b += tl.sum(g * c[:, None], axis=0)
+        acc_b = noise_epilogue(acc_b[None, :], tl.arange(0, 1), (pid - n_weight_tiles) * BLOCK_O,
+                               DOUT, BIAS_BASE, key, noise_std, scale, HAS_NOISE).reshape(BLOCK_O)
+        tl.store(b_ptr + cols_o, acc_b.to(b_ptr.dtype.element_ty), mask=cols_o < DOUT)
+
+
+def clipped_grad_sum(
+    a, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+):
+    """scale·(Σ_i c_i g_iᵀ a_i + noise_std·N(0, I)) and the bias likewise; see functional."""
+    key = noise_key(seed)
+    out_dtype = out_dtype or a.dtype
+    seq_len = a.shape[1] if a.dim() == 3 else 1
+    a2, g2 = _flatten_rows(a), _flatten_rows(g)
+    rows, din = a2.shape
+    dout = g2.shape[1]
+    weight = torch.empty(dout, din, dtype=out_dtype, device=a.device)
+    bias_grad = torch.empty(dout, dtype=out_dtype, device=a.device) if bias else None
+
+    def grid(meta):
+        tiles_o = triton.cdiv(dout, meta["BLOCK_O"])
+        return (tiles_o * triton.cdiv(din, meta["BLOCK_I"]) + (tiles_o if bias else 0),)
+
+    _clipped_sum_kernel[grid](
+        a2, g2, clip_factors.contiguous(), weight, weight if bias_grad is None else bias_grad,
+        rows, seq_len, din, dout, key, bias_noise_base(dout, din), noise_std, scale,
+        HAS_BIAS=bias, HAS_NOISE=noise_std > 0, DOT_FP32=dot_in_fp32(a.dtype),
+    )
+    return weight, bias_grad
+
+
+# ---------------------------------------------------------------- block clipping
+
+
+@triton.autotune(
+    configs=autotune_configs([
+        # Two [128, 128] fp32 accumulators (the example's tile and the sum): 8 warps.
+        triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
+    ]),
+    key=["T", "DIN", "DOUT", "HAS_NOISE", "PARTIAL"],
+)
+@triton.jit
+def _block_clipped_sum_kernel(
+    a_ptr, g_ptr, w_ptr, b_ptr, B, T, DIN, DOUT, threshold, key, BIAS_BASE, noise_std, scale,
+    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, PARTIAL: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Program (tile, split) sums the clipped contributions of examples split, split + S, ...
+    to one tile. PARTIAL: store fp32 sums to w/b[split] for _noise_kernel, else the result."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    n_i = tl.cdiv(DIN, BLOCK_I)
+    cols_o = (tile // n_i) * BLOCK_O + tl.arange(0, BLOCK_O)
+    cols_i = (tile % n_i) * BLOCK_I + tl.arange(0, BLOCK_I)
+    # The bias slice of these rows belongs to the group of the tile in the first column.
+    first_column = tile % n_i == 0
+    offs_t = tl.arange(0, BLOCK_T)
+    n_chunks = tl.cdiv(T, BLOCK_T)
+    n_mine = tl.cdiv(B - split, n_splits)
+    acc = tl.zeros((BLOCK_O, BLOCK_I), tl.float32)
+    acc_b = tl.zeros((BLOCK_O,), tl.float32)
+    tile_i = tl.zeros((BLOCK_O, BLOCK_I), tl.float32)
+    bias_i = tl.zeros((BLOCK_O,), tl.float32)
+    in_tile = (cols_o[:, None] < DOUT) & (cols_i[None, :] < DIN)
+    # One flat loop over (example, chunk of its T rows): an example's tile is complete, clipped
+    # and added at its last chunk.
+    for j in range(0, n_mine * n_chunks):
+        example = split + (j // n_chunks) * n_splits
+        t = (j % n_chunks) * BLOCK_T + offs_t
+        rows64 = example.to(tl.int64) * T + t
+        # Edge tiles load wrapped-around columns (no column masks in the loop); their
+        # entries are zeroed before the norm.
+        g_t = tl.load(g_ptr + rows64[None, :] * DOUT + (cols_o % DOUT)[:, None],
+                      mask=t[None, :] < T, other=0.0)
+        x = tl.load(a_ptr + rows64[:, None] * DIN + (cols_i % DIN)[None, :],
+                    mask=t[:, None] < T, other=0.0)
+        tile_i = dot_acc(g_t, x, tile_i, DOT_FP32)
+        if HAS_BIAS:
+            if first_column:
+                bias_i += tl.sum(g_t.to(tl.float32), axis=1)
+        if j % n_chunks == n_chunks - 1:
+            tile_i = tl.where(in_tile, tile_i, 0.0)
+            bias_i = tl.where(cols_o < DOUT, bias_i, 0.0)
+            norm = tl.sqrt(tl.sum(tile_i * tile_i) + tl.sum(bias_i * bias_i))
+            # Non-finite norm (NaN/inf in this example): factor 0 and the tile adds exactly 0.
+            factor = tl.where(norm <= FLT_MAX, tl.minimum(1.0, threshold / (norm + 1e-6)), 0.0)
+            acc += tl.where(factor > 0.0, tile_i * factor, 0.0)
+            acc_b += tl.where(factor > 0.0, bias_i * factor, 0.0)
+            tile_i = tl.zeros((BLOCK_O, BLOCK_I), tl.float32)
+            bias_i = tl.zeros((BLOCK_O,), tl.float32)
+    offsets = cols_o.to(tl.int64)[:, None] * DIN + cols_i[None, :]
+    mask = (cols_o[:, None] < DOUT) & (cols_i[None, :] < DIN)
+    if PARTIAL:
+        tl.store(w_ptr + split.to(tl.int64) * DOUT * DIN + offsets, acc, mask=mask)
+        if HAS_BIAS:
+            if first_column:
+                tl.store(b_ptr + split * DOUT + cols_o, acc_b, mask=cols_o < DOUT)
+    else:
+        acc = noise_epilogue(acc, cols_o, (tile % n_i) * BLOCK_I, DIN, 0, key, noise_std, scale,
+                             HAS_NOISE)
+        tl.store(w_ptr + offsets, acc.to(w_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            if first_column:
+                acc_b = noise_epilogue(acc_b[None, :], tl.arange(0, 1), (tile // n_i) * BLOCK_O,
+                                       DOUT, BIAS_BASE, key, noise_std, scale,
+                                       HAS_NOISE).reshape(BLOCK_O)
+                tl.store(b_ptr + cols_o, acc_b.to(b_ptr.dtype.element_ty), mask=cols_o < DOUT)
+
+
+def block_clip_splits(num_tiles: int, batch: int, device: torch.device) -> int:
+    """Programs per tile (examples split between them) so that about four waves of programs
+    fill the GPU; 1 in the interpreter. The groups, hence the result, do not depend on it."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(batch, triton.cdiv(4 * sms, num_tiles)))
+
+
+def block_clipped_grad_sum(
+    a, g, threshold, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+):
+    """Per-example, per-tile clipped weight-gradient GEMM with noise; see functional."""
+    key = noise_key(seed)
+    out_dtype = out_dtype or a.dtype
+    seq_len = a.shape[1] if a.dim() == 3 else 1
+    batch = a.shape[0]
+    a2, g2 = _flatten_rows(a), _flatten_rows(g)
+    din, dout = a2.shape[1], g2.shape[1]
+    block_o, block_i = BLOCK_CLIP_TILE
+    num_tiles = triton.cdiv(dout, block_o) * triton.cdiv(din, block_i)
+    splits = block_clip_splits(num_tiles, batch, a.device)
+    weight = torch.empty(dout, din, dtype=out_dtype, device=a.device)
+    bias_grad = torch.empty(dout, dtype=out_dtype, device=a.device) if bias else None
+    if splits > 1:
+        w_dst = torch.empty(splits, dout, din, dtype=torch.float32, device=a.device)
+        b_dst = torch.zeros(splits, dout, dtype=torch.float32, device=a.device)
+    else:
+        w_dst, b_dst = weight, weight if bias_grad is None else bias_grad
+    _block_clipped_sum_kernel[(num_tiles, splits)](
+        a2, g2, w_dst, b_dst, batch, seq_len, din, dout, threshold, key,
+        bias_noise_base(dout, din), noise_std, scale, HAS_BIAS=bias, HAS_NOISE=noise_std > 0,
+        PARTIAL=splits > 1, DOT_FP32=dot_in_fp32(a.dtype), BLOCK_O=block_o, BLOCK_I=block_i,
+    )
+    if splits > 1:
+        finish_with_noise(w_dst, weight, noise_std=noise_std, scale=scale, key=key)
+        if bias:
+            finish_with_noise(b_dst, bias_grad, noise_std=noise_std, scale=scale, key=key,
+                              base=bias_noise_base(dout, din))
+    return weight, bias_grad

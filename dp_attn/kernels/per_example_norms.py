@@ -1,0 +1,170 @@
+"""Exact per-example squared gradient norms of linear layers on sequences.
+
+For activations a_i [T, din] and output gradients g_i [T, dout] of example i, the weight
+gradient is g_iᵀ a_i and the bias gradient Σ_t g_it. Two tiled paths, fp32 accumulation:
+
+- ghost: ‖g_iᵀ a_i‖² = Σ_{s,t} (a_i a_iᵀ)_{st} (g_i g_iᵀ)_{st}, summed over pairs of
+  BLOCK_T-row tiles t >= s (off-diagonal pairs twice), one BLOCK_T × BLOCK_T Gram tile at a
+  time. The bias adds Σ_{s,t} (g_i g_iᵀ)_{st}, i.e. a constant-1 feature appended to a.
+  ~T²(din + dout) FLOPs per example.
+- instantiate: tiles [BLOCK_O, BLOCK_I] of g_iᵀ a_i, squared and summed in registers.
+  ~2·T·din·dout FLOPs per example, i.e. one weight-gradient GEMM.
+
+Neither path holds a T×T matrix or a per-example gradient: the only memory beyond the inputs
+is one fp32 partial sum per (example, program), summed in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .clipped_sum import autotune_configs, dot_acc, dot_in_fp32
+from .reference import grad_norm_method
+
+
+def seq_block(seq_len: int) -> int:
+    """Rows per T-tile of the ghost paths: 64, or the next power of two >= T (at least 16,
+    the smallest K of a 16-bit tl.dot on NVIDIA)."""
+    return min(64, max(16, triton.next_power_of_2(seq_len)))
+
+
+def feature_block(width: int, cap: int = 128) -> int:
+    return min(cap, max(16, triton.next_power_of_2(width)))
+
+
+@triton.jit
+def folded_pair_count(r, N_TILES):
+    """Program r of the folded triangle of T-tile pairs owns tile rows r and N_TILES-1-r, so
+    every program has N_TILES + 1 pairs (the middle row of an odd count is owned once)."""
+    return tl.where(2 * r + 1 == N_TILES, N_TILES - r, N_TILES + 1)
+
+
+@triton.jit
+def folded_pair(r, j, N_TILES):
+    """The j-th pair (s, t), t >= s, of program r."""
+    first = N_TILES - r
+    in_first = j < first
+    s = tl.where(in_first, r, N_TILES - 1 - r)
+    t = tl.where(in_first, r + j, N_TILES - 1 - r + (j - first))
+    return s, t
+
+
+@triton.jit
+def gram_tile(x_ptr, rows_s, rows_t, valid_s, valid_t, D, BLOCK_D: tl.constexpr,
+               BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr):
+    """x[rows_s] @ x[rows_t]ᵀ, [BLOCK_T, BLOCK_T] in fp32, over the D features in chunks."""
+    offs_d = tl.arange(0, BLOCK_D)
+    gram = tl.zeros((BLOCK_T, BLOCK_T), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        x_s = tl.load(x_ptr + rows_s[:, None] * D + cols[None, :],
+                      mask=valid_s[:, None] & (cols[None, :] < D), other=0.0)
+        x_t = tl.load(x_ptr + rows_t[None, :] * D + cols[:, None],
+                      mask=valid_t[None, :] & (cols[:, None] < D), other=0.0)
+        gram = dot_acc(x_s, x_t, gram, DOT_FP32)
+    return gram
+
+
+@triton.autotune(
+    configs=autotune_configs([
+        triton.Config({"BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_D": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_D": 64}, num_warps=4, num_stages=3),
+    ]),
+    key=["T", "DIN", "DOUT"],
+)
+@triton.jit
+def _ghost_sq_norm_kernel(
+    a_ptr, g_ptr, part_ptr, T, DIN, DOUT, N_TILES,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    i = tl.program_id(0)
+    r = tl.program_id(1)
+    base = i.to(tl.int64) * T
+    offs_t = tl.arange(0, BLOCK_T)
+    total = 0.0
+    for j in range(0, folded_pair_count(r, N_TILES)):
+        s, t = folded_pair(r, j, N_TILES)
+        pos_s, pos_t = s * BLOCK_T + offs_t, t * BLOCK_T + offs_t
+        valid_s, valid_t = pos_s < T, pos_t < T
+        a_gram = gram_tile(a_ptr, base + pos_s, base + pos_t, valid_s, valid_t, DIN,
+                            BLOCK_D, BLOCK_T, DOT_FP32)
+        g_gram = gram_tile(g_ptr, base + pos_s, base + pos_t, valid_s, valid_t, DOUT,
+                            BLOCK_D, BLOCK_T, DOT_FP32)
+        if HAS_BIAS:
+            a_gram += 1.0
+        total += tl.where(s == t, 1.0, 2.0) * tl.sum(a_gram * g_gram)
+    tl.store(part_ptr + i.to(tl.int64) * tl.num_programs(1) + r, total)
+
+
+@triton.autotune(
+    configs=autotune_configs([
+        triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
+    ]),
+    key=["T", "DIN", "DOUT"],
+)
+@triton.jit
+def _instantiate_sq_norm_kernel(
+    a_ptr, g_ptr, part_ptr, T, DIN, DOUT,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    i = tl.program_id(0)
+    tile = tl.program_id(1)
+    n_i = tl.cdiv(DIN, BLOCK_I)
+    cols_o = (tile // n_i) * BLOCK_O + tl.arange(0, BLOCK_O)
+    cols_i = (tile % n_i) * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_t = tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_O, BLOCK_I), tl.float32)
+    acc_b = tl.zeros((BLOCK_O,), tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs_t
+        rows64 = i.to(tl.int64) * T + t
+        g_t = tl.load(g_ptr + rows64[None, :] * DOUT + cols_o[:, None],
+                      mask=(t[None, :] < T) & (cols_o[:, None] < DOUT), other=0.0)
+        x = tl.load(a_ptr + rows64[:, None] * DIN + cols_i[None, :],
+                    mask=(t[:, None] < T) & (cols_i[None, :] < DIN), other=0.0)
+        acc = dot_acc(g_t, x, acc, DOT_FP32)
+        if HAS_BIAS:
+            acc_b += tl.sum(g_t.to(tl.float32), axis=1)
+    sq = tl.sum(acc * acc)
+    if HAS_BIAS:
+        # Every tile computed its rows' bias sums; the first-column tile reports them.
+        sq += tl.where(tile % n_i == 0, tl.sum(acc_b * acc_b), 0.0)
+    tl.store(part_ptr + i.to(tl.int64) * tl.num_programs(1) + tile, sq)
+
+
+def per_example_grad_sq_norms(a, g, *, bias=True, method=None):
+    """‖g_iᵀ a_i‖_F² (+ ‖Σ_t g_it‖² with bias) per example, fp32 [B]; see functional."""
+    batch, din, dout = a.shape[0], a.shape[-1], g.shape[-1]
+    seq_len = a.shape[1] if a.dim() == 3 else 1
+    method = method or grad_norm_method(seq_len, din, dout)
+    a2 = a.reshape(-1, din).contiguous()
+    g2 = g.reshape(-1, dout).contiguous()
+    if method == "ghost":
+        block_t = seq_block(seq_len)
+        n_tiles = triton.cdiv(seq_len, block_t)
+        programs = triton.cdiv(n_tiles, 2)
+    else:
+        block_o, block_i = feature_block(dout), feature_block(din)
+        programs = triton.cdiv(dout, block_o) * triton.cdiv(din, block_i)
+    partial = torch.zeros(batch, programs, dtype=torch.float32, device=a.device)
+    if batch == 0 or programs == 0:
+        return partial.sum(1)
+    dot_fp32 = dot_in_fp32(a.dtype)
+    if method == "ghost":
+        _ghost_sq_norm_kernel[(batch, programs)](
+            a2, g2, partial, seq_len, din, dout, n_tiles,
+            HAS_BIAS=bias, DOT_FP32=dot_fp32, BLOCK_T=block_t,
+        )
+    else:
+        _instantiate_sq_norm_kernel[(batch, programs)](
+            a2, g2, partial, seq_len, din, dout,
+            HAS_BIAS=bias, DOT_FP32=dot_fp32, BLOCK_O=block_o, BLOCK_I=block_i,
+        )
+    return partial.sum(1)

@@ -1,0 +1,212 @@
+"""Per-example norms and clipped sums of the small DP layers: norm affine parameters and
+embedding tables.
+
+- LayerNorm / RMSNorm weight and bias: per-example gradients are d-vectors
+  (Σ_t g_t ⊙ x̂_t and Σ_t g_t), so they are instantiated in registers, tile by tile of d.
+- Embeddings: example i's gradient row v is Σ_{t: ids_t = v} g_t, so its squared norm is
+  Σ_{s,t} [ids_s = ids_t] <g_s, g_t> (ghost form), over pairs of T-tiles with a token-equality
+  mask: never a [B, V, d] tensor. The clipped sum scatters c_i·g_t into row ids_t with fp32
+  atomics (summation order, hence the last bits, may vary between GPU runs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .clipped_sum import dot_in_fp32, finish_with_noise
+from .per_example_norms import feature_block, folded_pair, folded_pair_count, gram_tile, seq_block
+from .utils import noise_key
+
+
+def _row_splits(rows: int) -> int:
+    """Programs along the B·T rows of the norm-affine clipped sum (fp32 partials, then summed)."""
+    return max(1, min(64, triton.cdiv(rows, 1024)))
+
+
+@triton.jit
+def _norm_affine_sq_norm_kernel(
+    x_ptr, g_ptr, part_ptr, T, D,
+    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i = tl.program_id(0)
+    tile = tl.program_id(1)
+    cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, BLOCK_T)
+    acc_w = tl.zeros((BLOCK_D,), tl.float32)
+    acc_b = tl.zeros((BLOCK_D,), tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs_t
+        offsets = (i.to(tl.int64) * T + t)[:, None] * D + cols[None, :]
+        mask = (t[:, None] < T) & (cols[None, :] < D)
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        acc_w += tl.sum(g * x, axis=0)
+        if HAS_BIAS:
+            acc_b += tl.sum(g, axis=0)
+    tl.store(part_ptr + i.to(tl.int64) * tl.num_programs(1) + tile,
+             tl.sum(acc_w * acc_w) + tl.sum(acc_b * acc_b))
+
+
+def norm_affine_grad_sq_norms(x_hat, g, *, bias=True):
+    """‖Σ_t g_t ⊙ x̂_t‖² (+ ‖Σ_t g_t‖² with bias) per example, fp32 [B]; see functional."""
+    batch, d = x_hat.shape[0], x_hat.shape[-1]
+    seq_len = x_hat.shape[1] if x_hat.dim() == 3 else 1
+    block_d = feature_block(d)
+    partial = torch.zeros(batch, triton.cdiv(d, block_d), dtype=torch.float32,
+                          device=x_hat.device)
+    if batch:
+        _norm_affine_sq_norm_kernel[partial.shape](
+            x_hat.contiguous(), g.contiguous(), partial, seq_len, d,
+            HAS_BIAS=bias, BLOCK_T=seq_block(seq_len), BLOCK_D=block_d,
+        )
+    return partial.sum(1)
+
+
+@triton.jit
+def _norm_affine_clipped_sum_kernel(
+    x_ptr, g_ptr, c_ptr, ws_ptr, ROWS, ROWS_PER_SPLIT, T, D,
+    HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """ws[split] = fp32 (Σ c g ⊙ x̂, Σ c g) over this split's rows, laid out [weight | bias]."""
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    acc_w = tl.zeros((BLOCK_D,), tl.float32)
+    acc_b = tl.zeros((BLOCK_D,), tl.float32)
+    first = split * ROWS_PER_SPLIT
+    last = tl.minimum(first + ROWS_PER_SPLIT, ROWS)
+    for r0 in range(first, last, BLOCK_R):
+        rows = r0 + offs_r
+        c = tl.load(c_ptr + rows // T, mask=rows < last, other=0.0)
+        # Dropped examples (c = 0) must add exactly 0, even where x̂ or g is inf/NaN.
+        keep = ((rows < last) & (c != 0.0))[:, None] & (cols[None, :] < D)
+        offsets = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        g = tl.load(g_ptr + offsets, mask=keep, other=0.0).to(tl.float32) * c[:, None]
+        x = tl.load(x_ptr + offsets, mask=keep, other=0.0).to(tl.float32)
+        acc_w += tl.sum(g * x, axis=0)
+        if HAS_BIAS:
+            acc_b += tl.sum(g, axis=0)
+    width = 2 * D if HAS_BIAS else D
+    out = ws_ptr + split.to(tl.int64) * width + cols
+    tl.store(out, acc_w, mask=cols < D)
+    if HAS_BIAS:
+        tl.store(out + D, acc_b, mask=cols < D)
+
+
+def norm_affine_clipped_grad_sum(
+    x_hat, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+):
+    """Clipped, noised norm-affine gradients (weight [d], bias [d] or None); see functional."""
+    key = noise_key(seed)
+    out_dtype = out_dtype or x_hat.dtype
+    d = x_hat.shape[-1]
+    seq_len = x_hat.shape[1] if x_hat.dim() == 3 else 1
+    rows = x_hat.numel() // d
+    splits, block_r, block_d = _row_splits(rows), 32, feature_block(d)
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
+    ws = torch.empty(splits, 2 if bias else 1, d, dtype=torch.float32, device=x_hat.device)
+    _norm_affine_clipped_sum_kernel[(triton.cdiv(d, block_d), splits)](
+        x_hat.contiguous(), g.contiguous(), clip_factors.contiguous(), ws, rows, rows_per_split,
+        seq_len, d, HAS_BIAS=bias, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
+    weight = torch.empty(d, dtype=out_dtype, device=x_hat.device)
+    finish_with_noise(ws[:, 0], weight, noise_std=noise_std, scale=scale, key=key)
+    if not bias:
+        return weight, None
+    bias_grad = torch.empty(d, dtype=out_dtype, device=x_hat.device)
+    # The bias's noise counters follow the weight's ⌈d/4⌉, as in the twin.
+    finish_with_noise(ws[:, 1], bias_grad, noise_std=noise_std, scale=scale, key=key,
+                      base=triton.cdiv(d, 4))
+    return weight, bias_grad
+
+
+@triton.jit
+def _embedding_sq_norm_kernel(
+    ids_ptr, g_ptr, part_ptr, T, D, N_TILES, padding_idx,
+    HAS_PADDING: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    i = tl.program_id(0)
+    r = tl.program_id(1)
+    base = i.to(tl.int64) * T
+    offs_t = tl.arange(0, BLOCK_T)
+    total = 0.0
+    for j in range(0, folded_pair_count(r, N_TILES)):
+        s, t = folded_pair(r, j, N_TILES)
+        pos_s, pos_t = s * BLOCK_T + offs_t, t * BLOCK_T + offs_t
+        valid_s, valid_t = pos_s < T, pos_t < T
+        ids_s = tl.load(ids_ptr + base + pos_s, mask=valid_s, other=0)
+        ids_t = tl.load(ids_ptr + base + pos_t, mask=valid_t, other=0)
+        same = ids_s[:, None] == ids_t[None, :]
+        if HAS_PADDING:
+            same = same & (ids_s != padding_idx)[:, None]
+        g_gram = gram_tile(g_ptr, base + pos_s, base + pos_t, valid_s, valid_t, D,
+                           BLOCK_D, BLOCK_T, DOT_FP32)
+        total += tl.where(s == t, 1.0, 2.0) * tl.sum(tl.where(same, g_gram, 0.0))
+    tl.store(part_ptr + i.to(tl.int64) * tl.num_programs(1) + r, total)
+
+
+def embedding_grad_sq_norms(ids, g, *, padding_idx=None):
+    """Σ_{t,s} [ids_t = ids_s] <g_t, g_s> per example, fp32 [B]; see functional."""
+    batch, d = g.shape[0], g.shape[-1]
+    seq_len = ids.shape[1] if ids.dim() == 2 else 1
+    block_t = seq_block(seq_len)
+    n_tiles = triton.cdiv(seq_len, block_t)
+    partial = torch.zeros(batch, triton.cdiv(n_tiles, 2), dtype=torch.float32, device=g.device)
+    if partial.numel():
+        _embedding_sq_norm_kernel[partial.shape](
+            ids.contiguous(), g.contiguous(), partial, seq_len, d, n_tiles,
+            -1 if padding_idx is None else padding_idx,
+            HAS_PADDING=padding_idx is not None, DOT_FP32=dot_in_fp32(g.dtype),
+            BLOCK_T=block_t, BLOCK_D=feature_block(d, 64), num_warps=8,
+        )
+    return partial.sum(1)
+
+
+@triton.jit
+def _embedding_scatter_kernel(
+    ids_ptr, g_ptr, c_ptr, ws_ptr, ROWS, T, D, padding_idx,
+    HAS_PADDING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """ws[ids_r] += c_{r // T}·g_r for a block of rows r (fp32 atomics)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ids = tl.load(ids_ptr + rows, mask=rows < ROWS, other=0)
+    c = tl.load(c_ptr + rows // T, mask=rows < ROWS, other=0.0)
+    # Dropped examples (c = 0) and padding positions add nothing, not even 0·NaN.
+    keep = (rows < ROWS) & (c != 0.0)
+    if HAS_PADDING:
+        keep = keep & (ids != padding_idx)
+    mask = keep[:, None] & (cols[None, :] < D)
+    g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0)
+    tl.atomic_add(ws_ptr + ids.to(tl.int64)[:, None] * D + cols[None, :],
+                  g.to(tl.float32) * c[:, None], mask=mask)
+
+
+def embedding_clipped_grad_sum(
+    ids, g, clip_factors, num_embeddings, *, noise_std=0.0, scale=1.0, padding_idx=None,
+    seed=None, out_dtype=None,
+):
+    """Clipped, noised embedding-table gradient [num_embeddings, d]; see functional."""
+    key = noise_key(seed)
+    out_dtype = out_dtype or g.dtype
+    d = g.shape[-1]
+    seq_len = ids.shape[1] if ids.dim() == 2 else 1
+    rows = ids.numel()
+    ws = torch.zeros(num_embeddings, d, dtype=torch.float32, device=g.device)
+    block_r, block_d = 32, feature_block(d)
+    if rows:
+        _embedding_scatter_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_d))](
+            ids.contiguous(), g.contiguous(), clip_factors.contiguous(), ws, rows, seq_len, d,
+            -1 if padding_idx is None else padding_idx,
+            HAS_PADDING=padding_idx is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
+    weight = torch.empty(num_embeddings, d, dtype=out_dtype, device=g.device)
+    finish_with_noise(ws[None], weight, noise_std=noise_std, scale=scale, key=key)
+    if padding_idx is not None:
+        # Its gradient is 0 for every dataset: released exactly, without noise.
+        weight[padding_idx] = 0
+    return weight
