@@ -14,8 +14,118 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each subcommand registers itself here: sub.add_parser(...).set_defaults(run=function).
-    del sub
+    _add_epsilon_command(sub)
+    _add_calibrate_command(sub)
     return parser
+
+
+# ---------------------------------------------------------------- accounting: epsilon, calibrate
+
+
+def _add_epsilon_command(sub) -> None:
+    p = sub.add_parser(
+        "epsilon",
+        help="the ε a DP-SGD run spends",
+        description="Upper bound on the ε of T Poisson-subsampled Gaussian steps at a given δ.",
+    )
+    p.add_argument("--noise-multiplier", type=float, required=True, metavar="Z")
+    p.add_argument("--sample-rate", type=float, required=True, metavar="Q")
+    p.add_argument("--steps", type=int, required=True, metavar="T")
+    _add_common_accounting_options(p)
+    p.set_defaults(run=_run_epsilon)
+
+
+def _add_calibrate_command(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="the noise multiplier for a target ε",
+        description="Smallest noise multiplier (within 0.2%) whose T steps stay within ε.",
+    )
+    p.add_argument("--epsilon", type=float, required=True, metavar="EPS", help="target ε")
+    p.add_argument("--sample-rate", type=float, required=True, metavar="Q")
+    p.add_argument("--steps", type=int, required=True, metavar="T")
+    _add_common_accounting_options(p)
+    p.set_defaults(run=_run_calibrate)
+
+
+def _add_common_accounting_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _run_epsilon(args: argparse.Namespace) -> int:
+    from dp_attn.accounting import make_accountant
+
+    try:
+        acc = make_accountant(args.accountant)
+        acc.step(
+            noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate, count=args.steps
+        )
+        epsilon = acc.epsilon(args.delta)
+    except ValueError as error:
+        return _usage_error("epsilon", error)
+    result = {
+        "epsilon": epsilon,
+        "delta": args.delta,
+        "noise_multiplier": args.noise_multiplier,
+        "sample_rate": args.sample_rate,
+        "steps": args.steps,
+        "accountant": args.accountant,
+    }
+    _report(
+        result,
+        args.json,
+        f"ε = {epsilon:.4f} at δ = {args.delta:g}\n"
+        f"({args.steps} steps, noise multiplier {args.noise_multiplier:g}, sample rate "
+        f"{args.sample_rate:g}; {args.accountant} accountant, an upper bound)",
+    )
+    return 0
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from dp_attn.accounting import calibrate_noise_multiplier, make_accountant
+
+    try:
+        z = calibrate_noise_multiplier(
+            args.epsilon, args.delta, args.sample_rate, args.steps, accountant=args.accountant
+        )
+        acc = make_accountant(args.accountant)
+        acc.step(noise_multiplier=z, sample_rate=args.sample_rate, count=args.steps)
+        epsilon = acc.epsilon(args.delta)
+    except ValueError as error:
+        return _usage_error("calibrate", error)
+    result = {
+        "noise_multiplier": z,
+        "epsilon": epsilon,
+        "target_epsilon": args.epsilon,
+        "delta": args.delta,
+        "sample_rate": args.sample_rate,
+        "steps": args.steps,
+        "accountant": args.accountant,
+    }
+    _report(
+        result,
+        args.json,
+        f"noise multiplier = {z:.4f}\n"
+        f"(gives ε = {epsilon:.4f} <= {args.epsilon:g} at δ = {args.delta:g} over "
+        f"{args.steps} steps at sample rate {args.sample_rate:g}; {args.accountant} accountant)",
+    )
+    return 0
+
+
+def _report(result: dict, as_json: bool, text: str) -> None:
+    if as_json:
+        import json
+
+        print(json.dumps(result))
+    else:
+        print(text)
+
+
+def _usage_error(command: str, error: Exception) -> int:
+    print(f"dp-attn {command}: error: {error}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,11 @@ class Accountant(ABC):
         return {
             "accountant": self.name,
             "history": [
-                {"noise_multiplier": s.noise_multiplier, "sample_rate": s.sample_rate, "count": s.count}
+                {
+                    "noise_multiplier": s.noise_multiplier,
+                    "sample_rate": s.sample_rate,
+                    "count": s.count,
+                }
                 for s in self._history
             ],
         }

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dp_attn.accounting.registry import make_accountant
 from dp_attn.accounting.steps import (
     Step,
+    append_step,
     check_count,
     check_delta,
     check_epsilon,
@@ -28,7 +29,28 @@ def epsilon_of_history(history: tuple[Step, ...], delta: float, accountant: str)
     return acc.epsilon(delta)
 
 
-def largest_count(epsilon_of: Callable[[int], float], target: float, guess: int = 1) -> int:
+def steps_within(
+    history: tuple[Step, ...],
+    noise_multiplier: float,
+    sample_rate: float,
+    target: float,
+    delta: float,
+    accountant: str,
+) -> int:
+    """How many steps of (z, q) can follow `history` with ε staying within `target`."""
+
+    def epsilon_of(count: int) -> float:
+        extended = append_step(history, Step(noise_multiplier, sample_rate, count))
+        return epsilon_of_history(extended, delta, accountant)
+
+    # RDP is fast and never below the other accountants: its count is a good first guess.
+    guess = 1
+    if accountant != "rdp":
+        guess = steps_within(history, noise_multiplier, sample_rate, target, delta, "rdp")
+    return _largest_count(epsilon_of, target, guess)
+
+
+def _largest_count(epsilon_of: Callable[[int], float], target: float, guess: int) -> int:
     """The largest k in [0, MAX_STEPS] with epsilon_of(k) <= target (epsilon_of increasing).
 
     Brackets by doubling from `guess`, then narrows by interpolation in (log k, log ε),
@@ -146,6 +168,4 @@ def calibrate_steps(
     target = check_epsilon(target_epsilon, "target_epsilon")
     delta = check_delta(delta)
     make_accountant(accountant)
-    return largest_count(
-        lambda k: epsilon_of_history((Step(z, q, k),), delta, accountant) if k else 0.0, target
-    )
+    return steps_within((), z, q, target, delta, accountant)

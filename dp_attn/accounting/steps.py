@@ -87,5 +87,8 @@ def append_step(history: tuple[Step, ...], step: Step) -> tuple[Step, ...]:
     """`history` followed by `step`, merged into the last record when the regime is the same."""
     if history and history[-1].same_regime(step):
         last = history[-1]
-        return (*history[:-1], Step(last.noise_multiplier, last.sample_rate, last.count + step.count))
+        return (
+            *history[:-1],
+            Step(last.noise_multiplier, last.sample_rate, last.count + step.count),
+        )
     return (*history, step)
