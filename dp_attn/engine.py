@@ -38,8 +38,10 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from . import functional as DF
+from . import integrations
 from .accounting import PrivacyBudget, calibrate_noise_multiplier, make_accountant
 from .nn import (
+    DPConv1D,
     DPEmbedding,
     DPLayerNorm,
     DPLinear,
@@ -53,7 +55,7 @@ __all__ = ["DPOptimizer", "PoissonBatchSampler", "PoissonDataLoader", "PrivacyEn
 
 CLIPPING_STYLES = ("flat", "per-layer", "block")
 LOSS_REDUCTIONS = ("mean", "sum")
-_DP_LAYERS = (DPLinear, DPLayerNorm, DPRMSNorm, DPEmbedding, DPMultiheadAttention)
+_DP_LAYERS = (DPLinear, DPConv1D, DPLayerNorm, DPRMSNorm, DPEmbedding, DPMultiheadAttention)
 _CONVERSIONS = {
     nn.Linear: DPLinear,
     nn.modules.linear.NonDynamicallyQuantizableLinear: DPLinear,
@@ -112,10 +114,15 @@ class _Clipper:
             return
         scale = float(batch) if self.mean else 1.0  # undo the loss's 1/B: true per-example grads
         if self.style == "flat":
-            sq = _sum(p.sq_norms() for p in pieces)
+            sq = sum(p.sq_norms() for p in pieces)
             self._sq = sq if self._sq is None else self._sq + sq
             self._kept.append(pieces)
         elif self.style == "per-layer":
+            if owner not in self.thresholds:
+                raise RuntimeError(
+                    f"the DP layer {type(owner).__name__} had no trainable parameters when "
+                    "make_private checked the model; call make_private after unfreezing them"
+                )
             self._clip_group(pieces, self.thresholds[owner], scale)
         else:
             small = [p for p in pieces if not p.blockwise]
@@ -165,7 +172,7 @@ class _Clipper:
             self._sq, self._kept, self._pass_nonfinite = None, [], None
 
     def _clip_group(self, pieces, threshold: float, scale: float) -> None:
-        factors = self._factors(_sum(p.sq_norms() for p in pieces), threshold, scale)
+        factors = self._factors(sum(p.sq_norms() for p in pieces), threshold, scale)
         for piece in pieces:
             self._add(piece.clipped_sums(factors))
 
@@ -212,14 +219,6 @@ class _Clipper:
     def read_nonfinite(self) -> int:
         count, self._nonfinite = self._nonfinite, None
         return 0 if count is None else int(count)
-
-
-def _sum(values):
-    values = iter(values)
-    total = next(values)
-    for v in values:
-        total = total + v
-    return total
 
 
 # ---------------------------------------------------------------- Poisson sampling
@@ -477,10 +476,15 @@ class PrivacyEngine:
         if target_epsilon is not None:
             budget = PrivacyBudget(target_epsilon, target_delta, self.accountant)
 
-        module = convert_module(module)
-        layers = _private_layers(module)
-        _check_optimizer_params(optimizer, layers)
-        thresholds, group_threshold, total = _thresholds(clipping, max_grad_norm, layers)
+        converted = _convert(module)
+        try:
+            layers = _private_layers(module)
+            _check_optimizer_params(optimizer, layers)
+            thresholds, group_threshold, total = _thresholds(clipping, max_grad_norm, layers)
+        except Exception:
+            for m, cls in converted:  # leave the user's model as it was
+                m.__class__ = cls
+            raise
 
         self._noise_multiplier = noise_multiplier
         self._total_threshold = total
@@ -605,7 +609,10 @@ class PrivacyEngine:
     # ---- one logical step (called by DPOptimizer.step)
     def _release(self, noise_multiplier: float) -> None:
         if self._clipper.pass_open:
-            raise RuntimeError("optimizer.step() was called while a backward pass was running")
+            raise RuntimeError(
+                "optimizer.step() was called before the backward pass finished (if a backward "
+                "pass raised, call optimizer.zero_grad() to discard its partial gradients)"
+            )
         if self._budget is not None:
             self._budget.check(noise_multiplier, self._sample_rate)
         self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=self._sample_rate)
@@ -632,8 +639,16 @@ class PrivacyEngine:
 def convert_module(module: nn.Module) -> nn.Module:
     """Turn every nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding and nn.MultiheadAttention
     in `module` (itself included) into its dp_attn.nn version, in place: the same module and
-    Parameter objects, now of the DP class. Norms without affine parameters stay as they are.
-    Subclasses of these modules are left alone (their forward may differ)."""
+    Parameter objects, now of the DP class. Norms without affine parameters stay as they are,
+    and so do subclasses of these modules (their forward may differ). Without an engine the
+    DP layers compute what their nn counterparts do (attention by flash attention)."""
+    _convert(module)
+    return module
+
+
+def _convert(module: nn.Module) -> list[tuple[nn.Module, type]]:
+    """convert_module; returns [(module, its former class)] of what it changed."""
+    integrations.prepare_model(module)  # third-party modules (transformers) first
     found = []
     for name, m in module.named_modules():
         cls = _CONVERSIONS.get(type(m))
@@ -647,9 +662,14 @@ def convert_module(module: nn.Module) -> nn.Module:
         except ValueError as err:
             raise ValueError(f"cannot make {name or 'the model'} private: {err}") from None
         found.append((m, cls))
+        if cls is DPMultiheadAttention:
+            found.append((m.out_proj, DPLinear))
+    changed = []
     for m, cls in found:
-        m.__class__ = cls
-    return module
+        if type(m) is not cls:
+            changed.append((m, type(m)))
+            m.__class__ = cls
+    return changed
 
 
 @dataclass
@@ -740,6 +760,8 @@ def _block_groups(m: nn.Module) -> int:
     tiles of each trainable weight, plus one group for trainable biases without weights)."""
     if isinstance(m, DPLinear):
         parts = [(m.weight, m.bias, m.out_features, m.in_features)]
+    elif isinstance(m, DPConv1D):
+        parts = [(m.weight, m.bias, m.nf, m.nx)]
     elif isinstance(m, DPMultiheadAttention):
         e = m.embed_dim
         if m._qkv_same_embed_dim:

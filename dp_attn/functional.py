@@ -36,9 +36,10 @@ def flash_attention(
       are masked for example b (right padding). Examples never see each other's data.
     - A query row that sees no key (causal with Tq > Tk, or key_lengths[b] = 0) outputs 0 and
       gets zero gradients, never NaN. B = 0 (an empty Poisson batch) gives an empty output.
-    - D in {16, 32, 64, 128, 256}; fp16, bf16, fp32 (fp32 matmuls are IEEE unless TF32 is
-      enabled with torch.backends.cuda.matmul.allow_tf32); any Tq, Tk; q, k, v may be
-      non-contiguous views (e.g. of one fused QKV projection output) and are not copied.
+    - D in {16, 32, 64, 128, 256}; fp16, bf16, fp32 (on GPU, fp32 matmuls use 3xTF32, about
+      fp32 accuracy, or plain TF32 when torch.backends.cuda.matmul.allow_tf32 is set); any Tq,
+      Tk; q, k, v may be non-contiguous views (e.g. of one fused QKV projection output) and
+      are not copied.
     - The backward is deterministic (no atomics).
 
     CUDA tensors run the Triton kernels; CPU tensors run them through Triton's interpreter when
@@ -56,9 +57,10 @@ def flash_attention(
 
 # ---------------------------------------------------------------- DP-SGD kernels for layers
 # Per-example gradient norms, clipped sums and Gaussian noise for linear, norm-affine and
-# embedding layers (DESIGN.md §1, §3). Noise is Philox (tl.randn4x) keyed by noise_key(seed)
-# (the OS CSPRNG when seed is None), every element with its own counter and lane by the rule in
-# kernels/reference.py; twin and kernel draw the same noise.
+# embedding layers (DESIGN.md §1, §3). Noise is Philox-4x32-10 keyed by the 128-bit
+# noise_key(seed) (the OS CSPRNG when seed is None), every element with its own counter and lane
+# by the rule in kernels/reference.py; twin and kernel draw the same noise. secure_mode=True
+# resists floating-point attacks on the Gaussian samples (docs/threat_model.md).
 
 
 def _backend(kernels, *tensors):
@@ -106,8 +108,14 @@ def _check_clip_factors(clip_factors, batch: int, like: torch.Tensor) -> None:
     check_same("device", clip_factors=clip_factors, g=like)
 
 
-def _check_noise_args(noise_std, scale, out_dtype) -> tuple[float, float]:
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_noise_args(noise_std, scale, out_dtype, secure_mode) -> tuple[float, float]:
     _check_out_dtype(out_dtype)
+    _check_flag("secure_mode", secure_mode)
     return (
         _check_number("noise_std", noise_std, nonnegative=True),
         _check_number("scale", scale, nonnegative=False),
@@ -141,6 +149,7 @@ def clipped_grad_sum(
     bias: bool = True,
     seed: int | None = None,
     out_dtype: torch.dtype | None = None,
+    secure_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Clipped, noised linear-layer gradient: (weight_grad [dout, din], bias_grad [dout] | None).
 
@@ -148,14 +157,19 @@ def clipped_grad_sum(
     Σ_i c_i Σ_t g_it; one GEMM over the B·T rows with rows scaled by c_i in-kernel, noise in the
     epilogue, fp32 accumulation, stored in out_dtype (default a.dtype). clip_factors: fp32 [B];
     an example with c_i = 0 contributes exactly 0 even if its a or g is not finite. seed=None
-    (training) keys the noise from the OS CSPRNG; an int seed is for tests only.
+    (training) keys the noise from the OS CSPRNG (128 bits per call); an int seed is for tests
+    only. secure_mode=True: each noise coordinate is the sum of two independent Box-Muller
+    normals of std noise_std/√2, and the noised sum is rounded to a power-of-two grid in
+    (noise_std/4, noise_std/2] before the scale: no floating-point structure of the samples
+    shows, at twice the noise-generation work and at most 1/48 more noise variance
+    (docs/threat_model.md).
     """
     _check_pair("a", a, g, same_width=False)
     _check_clip_factors(clip_factors, a.shape[0], g)
-    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype)
+    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype, secure_mode)
     return _backend(clipped_sum, a, g, clip_factors).clipped_grad_sum(
         a, g, clip_factors, noise_std=noise_std, scale=scale, bias=bias, seed=seed,
-        out_dtype=out_dtype,
+        out_dtype=out_dtype, secure_mode=secure_mode,
     )
 
 
@@ -179,6 +193,7 @@ def block_clipped_grad_sum(
     bias: bool = True,
     seed: int | None = None,
     out_dtype: torch.dtype | None = None,
+    secure_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-clipped, noised linear-layer gradient: (weight_grad, bias_grad | None).
 
@@ -190,10 +205,10 @@ def block_clipped_grad_sum(
     """
     _check_pair("a", a, g, same_width=False)
     threshold = _check_number("threshold", threshold, nonnegative=True)
-    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype)
+    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype, secure_mode)
     return _backend(clipped_sum, a, g).block_clipped_grad_sum(
         a, g, threshold, noise_std=noise_std, scale=scale, bias=bias, seed=seed,
-        out_dtype=out_dtype,
+        out_dtype=out_dtype, secure_mode=secure_mode,
     )
 
 
@@ -219,15 +234,16 @@ def norm_affine_clipped_grad_sum(
     bias: bool = True,
     seed: int | None = None,
     out_dtype: torch.dtype | None = None,
+    secure_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Clipped, noised LayerNorm/RMSNorm affine gradient: (weight_grad [d], bias_grad [d] | None),
     scale·(Σ_i c_i Σ_t g_it ⊙ x̂_it + noise_std·N(0, I)) and likewise for Σ_i c_i Σ_t g_it."""
     _check_pair("x_hat", x_hat, g, same_width=True)
     _check_clip_factors(clip_factors, x_hat.shape[0], g)
-    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype)
+    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype, secure_mode)
     return _backend(small_layers, x_hat, g, clip_factors).norm_affine_clipped_grad_sum(
         x_hat, g, clip_factors, noise_std=noise_std, scale=scale, bias=bias, seed=seed,
-        out_dtype=out_dtype,
+        out_dtype=out_dtype, secure_mode=secure_mode,
     )
 
 
@@ -280,23 +296,28 @@ def embedding_clipped_grad_sum(
     padding_idx: int | None = None,
     seed: int | None = None,
     out_dtype: torch.dtype | None = None,
+    secure_mode: bool = False,
 ) -> torch.Tensor:
     """Clipped, noised embedding-table gradient [num_embeddings, d]:
     scale·(Σ_i c_i Σ_t onehot(ids_it) g_itᵀ + noise_std·N(0, I)), out_dtype default g.dtype.
     The padding_idx row is exactly 0 (its gradient is 0 for every dataset: nothing to hide)."""
     _check_embedding_inputs(ids, g, padding_idx, num_embeddings)
     _check_clip_factors(clip_factors, ids.shape[0], g)
-    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype)
+    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype, secure_mode)
     return _backend(small_layers, ids, g, clip_factors).embedding_clipped_grad_sum(
         ids, g, clip_factors, num_embeddings, noise_std=noise_std, scale=scale,
-        padding_idx=padding_idx, seed=seed, out_dtype=out_dtype,
+        padding_idx=padding_idx, seed=seed, out_dtype=out_dtype, secure_mode=secure_mode,
     )
 
 
-def add_gaussian_noise_(x: torch.Tensor, std: float, *, seed: int | None = None) -> torch.Tensor:
+def add_gaussian_noise_(
+    x: torch.Tensor, std: float, *, seed: int | None = None, secure_mode: bool = False
+) -> torch.Tensor:
     """x += std·N(0, I) in place and return x (x seen as rows [-1, x.shape[-1]] for the noise
     rule), keyed by noise_key(seed): fresh CSPRNG bits per call when seed is None. For noise added
-    once per logical step after summing micro-batches' clipped gradients with noise_std=0."""
+    once per logical step after summing micro-batches' clipped gradients with noise_std=0.
+    secure_mode as in clipped_grad_sum (x + noise is rounded to the grid)."""
     check_tensor("x", x)
     std = _check_number("std", std, nonnegative=True)
-    return _backend(clipped_sum, x).add_gaussian_noise_(x, std, seed=seed)
+    _check_flag("secure_mode", secure_mode)
+    return _backend(clipped_sum, x).add_gaussian_noise_(x, std, seed=seed, secure_mode=secure_mode)

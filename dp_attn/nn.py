@@ -26,6 +26,7 @@ from . import functional as DF
 from .kernels.flash_attn import HEAD_DIMS
 
 __all__ = [
+    "DPConv1D",
     "DPEmbedding",
     "DPLayerNorm",
     "DPLinear",
@@ -70,13 +71,16 @@ def _bias_clipped_sum(g: torch.Tensor, clip_factors: torch.Tensor) -> torch.Tens
 class _LinearTarget:
     """Where one linear map's gradient goes: rows `weight_rows` of `weight` and `bias_rows` of
     `bias` (None: all). `splits` > 1 marks a stack of that many equal weight matrices (the packed
-    Q/K/V in-projection), which block clipping treats as separate matrices."""
+    Q/K/V in-projection), which block clipping treats as separate matrices. `transposed`: the
+    whole weight, stored [in, out] (DPConv1D; no row slices, splits = 1), receives the
+    transpose of the [out, in] gradient."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
     weight_rows: slice | None = None
     bias_rows: slice | None = None
     splits: int = 1
+    transposed: bool = False
 
 
 class _LinearPiece:
@@ -95,7 +99,9 @@ class _LinearPiece:
     def _out(self, weight, bias, rows_offset=0, rows=None):
         t = self.target
         out = []
-        if weight is not None:
+        if t.transposed and weight is not None:  # DPConv1D: one whole matrix, stored [in, out]
+            out.append((t.weight, None, weight.t()))
+        elif weight is not None:
             out.append((t.weight, _shift(t.weight_rows, rows_offset, rows), weight))
         if bias is not None:
             out.append((t.bias, _shift(t.bias_rows, rows_offset, rows), bias))
@@ -321,6 +327,33 @@ class DPLinear(nn.Linear):
         target = _LinearTarget(self.weight, self.bias)
         (out,) = _DPLinearFn.apply(self, (target,), input, self.weight, self.bias)
         return out
+
+
+class DPConv1D(nn.Module):
+    """GPT-2's Conv1D (transformers.pytorch_utils.Conv1D) for DP training: a linear layer
+    y = x @ weight + bias whose weight is stored transposed, [nx, nf] = [in, out]. Same
+    constructor (nf = out features, nx = in features), attributes and state_dict keys, so that
+    a Conv1D is converted in place (the dp_attn.integrations.transformers integration does)."""
+
+    _dp_controller = None
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _private(self):
+            out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+            return out.view(*x.shape[:-1], self.nf)
+        target = _LinearTarget(self.weight, self.bias, transposed=True)
+        (out,) = _DPLinearFn.apply(self, (target,), x, self.weight.t(), self.bias)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}"
 
 
 class DPLayerNorm(nn.LayerNorm):

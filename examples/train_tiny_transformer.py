@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
+import io
 import time
 
 import torch
@@ -31,9 +33,9 @@ DELTA = 1e-5
 
 
 def zen_of_python() -> str:
-    import this  # prints the Zen on import; its text is kept rot13-encoded
-
-    return codecs.decode(this.s, "rot13")
+    with contextlib.redirect_stdout(io.StringIO()):  # `import this` prints the Zen
+        import this
+    return codecs.decode(this.s, "rot13")  # kept rot13-encoded in the module
 
 
 class Block(nn.Module):

@@ -38,9 +38,10 @@ def loader_of(n=N, batch_size=BATCH, dim=1):
     return DataLoader(TensorDataset(torch.zeros(n, dim)), batch_size=batch_size)
 
 
-def private(model, clipping="flat", noise_multiplier=0.0, max_grad_norm=1.0, n=N, **kwargs):
+def private(model, clipping="flat", noise_multiplier=0.0, max_grad_norm=1.0, n=N, lr=0.0,
+            **kwargs):  # fmt: skip
     engine = PrivacyEngine(accountant=kwargs.pop("accountant", "prv"))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader_of(n), clipping=clipping,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, **kwargs,
@@ -138,6 +139,35 @@ def test_reference_path_equals_oracle(oracle, monkeypatch):
     for name, g in released(model).items():
         close(g, want[name], msg=name)
 
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("style", ["flat", "per-layer", "block"])
+def test_gradient_equals_oracle_cuda(oracle, style):
+    """The compiled kernels on a GPU (fp32; matmuls may use TF32, hence the tolerance)."""
+    model = copy.deepcopy(oracle["model"]).cuda()
+    _, model, optimizer, _ = private(model, style, max_grad_norm=oracle["max_grad_norm"])
+    train_step(model, optimizer, *(t.cuda() for t in oracle["batch"]))
+    want = expected_grads(oracle, style)
+    for name, g in released(model).items():
+        close(g.cpu(), want[name], tol=2e-3, msg=f"{style}: {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("style", ["flat", "per-layer", "block"])
+def test_bf16_training_step_cuda(style):
+    """bf16 model on a GPU: the step runs, releases finite bf16 gradients and moves the
+    weights; the noise-only release of an empty batch has the stated std."""
+    model = make_model(d=64, heads=4, mlp=256, max_len=64).cuda().to(torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    engine, model, optimizer, _ = private(model, style, 1.0, 1.0, lr=1e-2)
+    ids, targets, mask = (t.cuda() for t in make_batch(batch=BATCH, length=64))
+    train_step(model, optimizer, ids, targets, mask)
+    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+               for p in model.parameters())  # fmt: skip
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    train_step(model, optimizer, ids[:0], targets[:0], mask[:0])
+    assert_std(flat_grads(model).float(), 1.0 / BATCH)
+    assert engine.stats.steps == 2
 
 # ---------------------------------------------------------------- noise
 
@@ -251,6 +281,16 @@ def test_nonfinite_example_contributes_zero(style):
     assert engine.stats.nonfinite_examples == 1 and nonfinite == 0
 
 
+def test_step_without_backward_releases_noise():
+    """A step with no backward pass at all (nothing sampled) still releases noise and is
+    recorded by the accountant."""
+    engine, model, opt, _ = private(linear_model(), noise_multiplier=2.0)
+    opt.zero_grad()
+    opt.step()
+    assert_std(flat_grads(model), 2.0 * 1.0 / BATCH)
+    assert engine.stats.steps == 1 and engine.accountant.history[-1].count == 1
+
+
 def test_embedding_padding_row_stays_zero():
     model = nn.Sequential(nn.Embedding(6, 16, padding_idx=0), nn.Linear(16, 2))
     _, model, opt, _ = private(model, noise_multiplier=1.0)
@@ -335,8 +375,10 @@ def test_uncovered_parameters_are_named():
             self.conv = nn.Conv1d(4, 4, 1)
             self.frozen = nn.Parameter(torch.ones(4), requires_grad=False)
 
+    model = Custom()
     with pytest.raises(ValueError, match=r"these do not: scale, conv\.weight, conv\.bias\."):
-        private(Custom())
+        private(model)
+    assert type(model.lin) is nn.Linear  # a refused model is left as it was
 
 
 def test_tied_parameters_are_refused():
@@ -387,8 +429,9 @@ def test_resume_continues_the_ledger():
 
 
 def test_budget_stops_before_release():
+    """The step that would overspend raises before anything is released or recorded."""
     engine, model, opt, _ = private(
-        linear_model(), noise_multiplier=1.5, n=16, accountant="rdp",
+        linear_model(), noise_multiplier=1.5, n=16, accountant="rdp", lr=0.1,
         target_epsilon=3.0, target_delta=1e-5,
     )
     with pytest.raises(BudgetExceededError):
@@ -397,10 +440,12 @@ def test_budget_stops_before_release():
     steps = engine.stats.steps
     assert steps > 0 and sum(s.count for s in engine.accountant.history) == steps
     assert engine.get_epsilon(1e-5) <= 3.0
-    before = flat_grads(model).clone()
+    weights = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(BudgetExceededError):
         linear_step(model, opt, torch.randn(2, 3, 48))
-    assert torch.equal(flat_grads(model), before) and engine.stats.steps == steps
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert engine.stats.steps == steps and engine.accountant.history[-1].count == steps
 
 
 def test_make_private_with_epsilon():

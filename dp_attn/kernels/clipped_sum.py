@@ -10,9 +10,11 @@ clips it and adds it to the tile's sum: the GEMM's FLOPs plus O(tile) per exampl
 tiles are too few to fill the GPU, the examples are split over several programs per tile whose
 fp32 partial sums are added by the noise kernel.
 
-Noise: noise_std·z with z from tl.randn4x keyed by noise_key(seed), by the rule documented in
+Noise: Philox-4x32-10 keyed by the 128-bit noise_key(seed) (64 bits of key, 64 bits in the
+counter words the offsets leave free), Box-Muller as tl.randn4x, by the rule documented in
 reference.py (reference.released_noise is its twin). One Philox call yields four normals, so
-the epilogue costs a quarter of what tl.randn per element would.
+the epilogue costs a quarter of what tl.randn per element would; secure_mode sums two normals
+per element and rounds the result to a grid (twice the Philox work, one floor).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import BLOCK_CLIP_TILE
+from .reference import BLOCK_CLIP_TILE, noise_lanes, secure_noise_grid
 from .utils import interpreting, noise_key
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -48,34 +50,76 @@ def dot_acc(x, y, acc, DOT_FP32: tl.constexpr):
     return out
 
 
-@triton.jit
-def noise_epilogue(acc, rows, col0, width, base, key, noise_std, scale,
-                   HAS_NOISE: tl.constexpr):
-    """scale·(acc + noise_std·z) for the tile acc [R, C] at `rows` and columns col0 .. col0+C
-    (col0 a multiple of 4) of a released tensor of row length `width`.
+def noise_args(key: int, noise_std: float, secure_mode: bool) -> tuple:
+    """The noise epilogue's scalar kernel arguments (key, nonce_lo, nonce_hi, lane_std, grid,
+    inv_grid) for a 128-bit noise key: the Philox key as a signed 64-bit integer and the nonce
+    as two signed 32-bit words (fixed integer types whatever the values); the std of each summed
+    normal (noise_std·√½ in secure_mode) and secure_mode's grid and its inverse (powers of two)."""
 
-    z(r, k) is lane k % 4 of tl.randn4x(key, base + r·⌈width/4⌉ + k // 4): each Philox call
-    gives four normals (tl.randn would use one of them), every element has its own
-    (counter, lane), and a fresh key per call makes calls independent.
+    def signed(value: int, bits: int) -> int:
+        return value - (1 << bits) if value >> (bits - 1) else value
+
+    low, nonce = key & (2**64 - 1), key >> 64
+    words = (signed(nonce & 0xFFFFFFFF, 32), signed(nonce >> 32, 32))
+    if not secure_mode:
+        return signed(low, 64), *words, noise_std, 1.0, 1.0
+    grid = secure_noise_grid(noise_std) if noise_std > 0 else 1.0
+    return signed(low, 64), *words, noise_std * 0.7071067811865476, grid, 1.0 / grid
+
+
+@triton.jit
+def gaussian4x(key, nonce_lo, nonce_hi, counters):
+    """Four normals per int64 counter: Philox-4x32-10 on the counter words (counter low, counter
+    high, nonce_lo, nonce_hi) under the 64-bit key, then Box-Muller, as tl.randn4x does (which
+    is this with a zero nonce)."""
+    c0 = counters.to(tl.uint32)
+    c1 = (counters >> 32).to(tl.uint32)
+    c2 = c0 * 0 + nonce_lo.to(tl.uint32, bitcast=True)
+    c3 = c0 * 0 + nonce_hi.to(tl.uint32, bitcast=True)
+    i1, i2, i3, i4 = tl.philox(key, c0, c1, c2, c3)
+    z1, z2 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
+    z3, z4 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i3), tl.uint_to_uniform_float(i4))
+    return z1, z2, z3, z4
+
+
+@triton.jit
+def noise_epilogue(acc, rows, col0, width, base, key, nonce_lo, nonce_hi, lane_std, grid,
+                   inv_grid, scale, HAS_NOISE: tl.constexpr, SECURE: tl.constexpr):
+    """scale·(acc + noise) for the tile acc [R, C] at `rows` and columns col0 .. col0+C (col0 a
+    multiple of 4) of a released tensor of row length `width`, by the rule in reference.py.
+
+    Default: z(r, k) is lane k % 4 of the normals of counter base + r·⌈width/4⌉ + k // 4, times
+    lane_std. SECURE: lanes k % 2 and 2 + k % 2 of counter base + r·⌈width/2⌉ + k // 2, each
+    times lane_std, summed; then acc + noise is rounded to a multiple of `grid`.
     """
     if HAS_NOISE:
         R: tl.constexpr = acc.shape[0]
         C: tl.constexpr = acc.shape[1]
-        counters = (base + rows.to(tl.int64)[:, None] * tl.cdiv(width, 4)
-                    + (col0 // 4 + tl.arange(0, C // 4))[None, :])
-        z1, z2, z3, z4 = tl.randn4x(key, counters)
-        # [R, C/4, 2, 2] -> [R, C]: column 4q + 2v + u is lane 2v + u of counter q.
-        z = tl.join(tl.join(z1, z3), tl.join(z2, z4)).reshape(R, C)
-        acc += noise_std * z
+        if SECURE:
+            counters = (base + rows.to(tl.int64)[:, None] * tl.cdiv(width, 2)
+                        + (col0 // 2 + tl.arange(0, C // 2))[None, :])
+            z1, z2, z3, z4 = gaussian4x(key, nonce_lo, nonce_hi, counters)
+            # [R, C/2, 2] -> [R, C]: column 2q + u is the sum of lanes u and 2 + u of counter q.
+            noise = tl.join(lane_std * z1 + lane_std * z3, lane_std * z2 + lane_std * z4)
+            acc += noise.reshape(R, C)
+            acc = tl.floor(acc * inv_grid + 0.5) * grid
+        else:
+            counters = (base + rows.to(tl.int64)[:, None] * tl.cdiv(width, 4)
+                        + (col0 // 4 + tl.arange(0, C // 4))[None, :])
+            z1, z2, z3, z4 = gaussian4x(key, nonce_lo, nonce_hi, counters)
+            # [R, C/4, 2, 2] -> [R, C]: column 4q + 2v + u is lane 2v + u of counter q.
+            z = tl.join(tl.join(z1, z3), tl.join(z2, z4)).reshape(R, C)
+            acc += z * lane_std
     return acc * scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key", "nonce_lo", "nonce_hi"])
 def _noise_kernel(
-    src_ptr, dst_ptr, R, W, N_SPLITS, SPLIT_STRIDE, key, base, noise_std, scale,
-    HAS_NOISE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+    src_ptr, dst_ptr, R, W, N_SPLITS, SPLIT_STRIDE, key, nonce_lo, nonce_hi, lane_std, grid,
+    inv_grid, base, scale, HAS_NOISE: tl.constexpr, SECURE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """dst[r, k] = scale·(Σ_s src[s, r, k] + noise_std·z(r, k)) for dst [R, W] contiguous and
+    """dst[r, k] = scale·(Σ_s src[s, r, k] + noise(r, k)) for dst [R, W] contiguous and
     src[s] [R, W] contiguous at s·SPLIT_STRIDE. dst may be src (in place, one split): each
     element is read before it is written."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -87,12 +131,13 @@ def _noise_kernel(
     for _ in range(0, N_SPLITS):
         acc += tl.load(src_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         src_ptr += SPLIT_STRIDE
-    acc = noise_epilogue(acc, rows, col0, W, base, key, noise_std, scale, HAS_NOISE)
+    acc = noise_epilogue(acc, rows, col0, W, base, key, nonce_lo, nonce_hi, lane_std, grid,
+                         inv_grid, scale, HAS_NOISE, SECURE)
     tl.store(dst_ptr + offsets, acc.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
-def finish_with_noise(src, dst, *, noise_std, scale, key, base=0):
-    """dst = scale·(Σ_s src[s] + noise_std·z) for dst [R, W] or [W] (one row) contiguous and
+def finish_with_noise(src, dst, *, noise_std, scale, key, base=0, secure_mode=False):
+    """dst = scale·(Σ_s src[s] + noise) for dst [R, W] or [W] (one row) contiguous and
     src [S, *dst.shape] whose per-split blocks are contiguous (S = 1: src may be dst)."""
     rows, width = (1, dst.numel()) if dst.dim() < 2 else dst.shape
     if dst.numel() == 0:
@@ -101,26 +146,28 @@ def finish_with_noise(src, dst, *, noise_std, scale, key, base=0):
     block_w = max(16, min(4096 // block_r, triton.next_power_of_2(width)))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(width, block_w))
     _noise_kernel[grid](
-        src, dst, rows, width, src.shape[0], src.stride(0), key, base, noise_std, scale,
-        HAS_NOISE=noise_std > 0, BLOCK_R=block_r, BLOCK_W=block_w,
+        src, dst, rows, width, src.shape[0], src.stride(0),
+        *noise_args(key, noise_std, secure_mode), base, scale,
+        HAS_NOISE=noise_std > 0, SECURE=secure_mode, BLOCK_R=block_r, BLOCK_W=block_w,
     )
     return dst
 
 
-def add_gaussian_noise_(x, std, *, seed=None):
+def add_gaussian_noise_(x, std, *, seed=None, secure_mode=False):
     """x += std·N(0, I) in place, x seen as [-1, x.shape[-1]] for the noise rule."""
     key = noise_key(seed)
     if std == 0 or x.numel() == 0:
         return x
     work = x.contiguous()  # x itself when it is contiguous
     rows = work.view(-1, x.shape[-1] if x.dim() else 1)
-    finish_with_noise(rows[None], rows, noise_std=std, scale=1.0, key=key)
+    finish_with_noise(rows[None], rows, noise_std=std, scale=1.0, key=key,
+                      secure_mode=secure_mode)
     return x if work is x else x.copy_(work)
 
 
-def bias_noise_base(dout: int, din: int) -> int:
-    """First Philox counter of a linear layer's bias noise: after the weight's dout·⌈din/4⌉."""
-    return dout * triton.cdiv(din, 4)
+def bias_noise_base(dout: int, din: int, secure_mode: bool) -> int:
+    """First Philox counter of a linear layer's bias noise: after the weight's dout·⌈din/L⌉."""
+    return dout * triton.cdiv(din, noise_lanes(secure_mode))
 
 
 def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
@@ -139,12 +186,13 @@ def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
         triton.Config({"BLOCK_O": 128, "BLOCK_I": 128, "BLOCK_R": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_R": 64}, num_warps=4, num_stages=3),
     ]),
-    key=["ROWS", "DIN", "DOUT", "HAS_NOISE"],
+    key=["ROWS", "DIN", "DOUT", "HAS_NOISE", "SECURE"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["key", "nonce_lo", "nonce_hi"])
 def _clipped_sum_kernel(
-    a_ptr, g_ptr, c_ptr, w_ptr, b_ptr, ROWS, T, DIN, DOUT, key, BIAS_BASE, noise_std, scale,
-    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, DOT_FP32: tl.constexpr,
+    a_ptr, g_ptr, c_ptr, w_ptr, b_ptr, ROWS, T, DIN, DOUT, key, nonce_lo, nonce_hi, lane_std,
+    grid, inv_grid, BIAS_BASE, scale,
+    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, SECURE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -171,8 +219,8 @@ def _clipped_sum_kernel(
                         mask=live[:, None], other=0.0)
             g_t = (g_t * c[None, :]).to(x.dtype)
             acc = dot_acc(g_t, x, acc, DOT_FP32)
-        acc = noise_epilogue(acc, cols_o, (pid % n_i) * BLOCK_I, DIN, 0, key, noise_std, scale,
-                             HAS_NOISE)
+        acc = noise_epilogue(acc, cols_o, (pid % n_i) * BLOCK_I, DIN, 0, key, nonce_lo, nonce_hi,
+                             lane_std, grid, inv_grid, scale, HAS_NOISE, SECURE)
         offsets = cols_o.to(tl.int64)[:, None] * DIN + cols_i[None, :]
         mask = (cols_o[:, None] < DOUT) & (cols_i[None, :] < DIN)
         tl.store(w_ptr + offsets, acc.to(w_ptr.dtype.element_ty), mask=mask)
@@ -188,12 +236,14 @@ def _clipped_sum_kernel(
                         mask=live & (cols_o[None, :] < DOUT), other=0.0)
             acc_b += tl.sum(g * c[:, None], axis=0)
         acc_b = noise_epilogue(acc_b[None, :], tl.arange(0, 1), (pid - n_weight_tiles) * BLOCK_O,
-                               DOUT, BIAS_BASE, key, noise_std, scale, HAS_NOISE).reshape(BLOCK_O)
+                               DOUT, BIAS_BASE, key, nonce_lo, nonce_hi, lane_std, grid, inv_grid,
+                               scale, HAS_NOISE, SECURE).reshape(BLOCK_O)
         tl.store(b_ptr + cols_o, acc_b.to(b_ptr.dtype.element_ty), mask=cols_o < DOUT)
 
 
 def clipped_grad_sum(
-    a, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+    a, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None,
+    secure_mode=False,
 ):
     """scale·(Σ_i c_i g_iᵀ a_i + noise_std·N(0, I)) and the bias likewise; see functional."""
     key = noise_key(seed)
@@ -211,8 +261,9 @@ def clipped_grad_sum(
 
     _clipped_sum_kernel[grid](
         a2, g2, clip_factors.contiguous(), weight, weight if bias_grad is None else bias_grad,
-        rows, seq_len, din, dout, key, bias_noise_base(dout, din), noise_std, scale,
-        HAS_BIAS=bias, HAS_NOISE=noise_std > 0, DOT_FP32=dot_in_fp32(a.dtype),
+        rows, seq_len, din, dout, *noise_args(key, noise_std, secure_mode),
+        bias_noise_base(dout, din, secure_mode), scale, HAS_BIAS=bias, HAS_NOISE=noise_std > 0,
+        SECURE=secure_mode, DOT_FP32=dot_in_fp32(a.dtype),
     )
     return weight, bias_grad
 
@@ -227,12 +278,13 @@ def clipped_grad_sum(
         triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
     ]),
-    key=["T", "DIN", "DOUT", "HAS_NOISE", "PARTIAL"],
+    key=["T", "DIN", "DOUT", "HAS_NOISE", "SECURE", "PARTIAL"],
 )
-@triton.jit
+@triton.jit(do_not_specialize=["key", "nonce_lo", "nonce_hi"])
 def _block_clipped_sum_kernel(
-    a_ptr, g_ptr, w_ptr, b_ptr, B, T, DIN, DOUT, threshold, key, BIAS_BASE, noise_std, scale,
-    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, PARTIAL: tl.constexpr,
+    a_ptr, g_ptr, w_ptr, b_ptr, B, T, DIN, DOUT, threshold, key, nonce_lo, nonce_hi, lane_std,
+    grid, inv_grid, BIAS_BASE, scale,
+    HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, SECURE: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_FP32: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Program (tile, split) sums the clipped contributions of examples split, split + S, ...
@@ -287,14 +339,15 @@ def _block_clipped_sum_kernel(
             if first_column:
                 tl.store(b_ptr + split * DOUT + cols_o, acc_b, mask=cols_o < DOUT)
     else:
-        acc = noise_epilogue(acc, cols_o, (tile % n_i) * BLOCK_I, DIN, 0, key, noise_std, scale,
-                             HAS_NOISE)
+        acc = noise_epilogue(acc, cols_o, (tile % n_i) * BLOCK_I, DIN, 0, key, nonce_lo, nonce_hi,
+                             lane_std, grid, inv_grid, scale, HAS_NOISE, SECURE)
         tl.store(w_ptr + offsets, acc.to(w_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             if first_column:
                 acc_b = noise_epilogue(acc_b[None, :], tl.arange(0, 1), (tile // n_i) * BLOCK_O,
-                                       DOUT, BIAS_BASE, key, noise_std, scale,
-                                       HAS_NOISE).reshape(BLOCK_O)
+                                       DOUT, BIAS_BASE, key, nonce_lo, nonce_hi, lane_std,
+                                       grid, inv_grid, scale, HAS_NOISE,
+                                       SECURE).reshape(BLOCK_O)
                 tl.store(b_ptr + cols_o, acc_b.to(b_ptr.dtype.element_ty), mask=cols_o < DOUT)
 
 
@@ -308,7 +361,8 @@ def block_clip_splits(num_tiles: int, batch: int, device: torch.device) -> int:
 
 
 def block_clipped_grad_sum(
-    a, g, threshold, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+    a, g, threshold, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None,
+    secure_mode=False,
 ):
     """Per-example, per-tile clipped weight-gradient GEMM with noise; see functional."""
     key = noise_key(seed)
@@ -328,13 +382,15 @@ def block_clipped_grad_sum(
     else:
         w_dst, b_dst = weight, weight if bias_grad is None else bias_grad
     _block_clipped_sum_kernel[(num_tiles, splits)](
-        a2, g2, w_dst, b_dst, batch, seq_len, din, dout, threshold, key,
-        bias_noise_base(dout, din), noise_std, scale, HAS_BIAS=bias, HAS_NOISE=noise_std > 0,
+        a2, g2, w_dst, b_dst, batch, seq_len, din, dout, threshold,
+        *noise_args(key, noise_std, secure_mode), bias_noise_base(dout, din, secure_mode), scale,
+        HAS_BIAS=bias, HAS_NOISE=noise_std > 0, SECURE=secure_mode,
         PARTIAL=splits > 1, DOT_FP32=dot_in_fp32(a.dtype), BLOCK_O=block_o, BLOCK_I=block_i,
     )
     if splits > 1:
-        finish_with_noise(w_dst, weight, noise_std=noise_std, scale=scale, key=key)
+        noise = dict(noise_std=noise_std, scale=scale, key=key, secure_mode=secure_mode)
+        finish_with_noise(w_dst, weight, **noise)
         if bias:
-            finish_with_noise(b_dst, bias_grad, noise_std=noise_std, scale=scale, key=key,
-                              base=bias_noise_base(dout, din))
+            finish_with_noise(b_dst, bias_grad, base=bias_noise_base(dout, din, secure_mode),
+                              **noise)
     return weight, bias_grad

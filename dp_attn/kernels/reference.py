@@ -7,6 +7,8 @@ Triton is not interpreting. Same signatures and semantics as the kernels' launch
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .utils import noise_key
@@ -54,16 +56,39 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, key_length
 
 # ---------------------------------------------------------------- per-example norms, clipped sums
 
-# Noise: a released tensor is seen as rows of length W; element (r, k) gets lane k % 4 of
-# tl.randn4x(key, base + r·⌈W/4⌉ + k // 4) (Philox-4x32-10, Box-Muller: four normals per
-# call). Linear layer: weight [dout, din] with base 0, then bias as one row of dout with base
-# dout·⌈din/4⌉. Norm affine: weight one row of d (base 0), bias one row (base ⌈d/4⌉).
+# Noise. A call's 128-bit noise key (utils.noise_key) keys Philox-4x32-10: its low 64 bits are
+# the Philox key, its high 64 bits (the "nonce") fill the two counter words that the element
+# offsets leave free, so the four counter words are (c mod 2^32, c >> 32, nonce mod 2^32,
+# nonce >> 32) for an element counter c < 2^64. Each Philox call gives four uniforms and, by
+# Box-Muller as in Triton's tl.randn4x, four normals z1..z4 (z1, z2 share one radius and z3, z4
+# another). With nonce 0 this is exactly tl.randn4x(key, c).
+# A released tensor is seen as rows of length W; its element (r, k) uses counter
+# base + r·⌈W/L⌉ + k // L, with L = noise_lanes(secure_mode) elements per counter:
+# - default (L = 4): noise_std·z_{1 + k % 4};
+# - secure_mode (L = 2): s·z_{1 + k % 2} + s·z_{3 + k % 2} with s = noise_std·√½, a sum of two
+#   normals with independent radii, and the noised value is then rounded to the grid
+#   secure_noise_grid(noise_std) (see docs/threat_model.md).
+# Linear layer: weight [dout, din] with base 0, then bias as one row of dout with base
+# dout·⌈din/L⌉. Norm affine: weight one row of d (base 0), bias one row (base ⌈d/L⌉).
 # Embedding: [V, d], base 0. add_gaussian_noise_: x as [-1, x.shape[-1]], base 0. So every
-# element of a call has its own (counter, lane), and each call has a fresh key. released_noise
+# element of a call has its own (counter, lanes), and each call has a fresh key. released_noise
 # reproduces this in plain PyTorch (uint32 arithmetic in int64 lanes): twin and kernel agree.
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _U32 = 0xFFFFFFFF
+
+
+def noise_lanes(secure_mode: bool) -> int:
+    """Elements of a released tensor per Philox counter: 4 normals, or 2 sums of two."""
+    return 2 if secure_mode else 4
+
+
+def secure_noise_grid(noise_std: float) -> float:
+    """The grid that secure_mode rounds noised values to: the largest power of two <= noise_std/2
+    (within fp32's normal range). Coarse against the float spacing of the samples; the rounding
+    adds at most (noise_std/2)²/12, i.e. 1/48 of the noise variance."""
+    _, exponent = math.frexp(noise_std / 2)  # noise_std / 2 = m·2^exponent, m in [0.5, 1)
+    return math.ldexp(1.0, min(max(exponent - 1, -126), 126))
 
 
 def _mul32(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +101,12 @@ def _mul32(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox_randn4x(key: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Four float32 N(0, 1) tensors equal to Triton's tl.randn4x(key, offsets), int64 offsets."""
+    """Four float32 N(0, 1) tensors for int64 offsets under a 128-bit key, as the kernels draw
+    them; for key < 2^64 (nonce 0) exactly Triton's tl.randn4x(key, offsets)."""
+    nonce = key >> 64
     c0, c1 = offsets & _U32, offsets >> 32
-    c2 = c3 = torch.zeros_like(offsets)
+    c2 = torch.full_like(offsets, nonce & _U32)
+    c3 = torch.full_like(offsets, (nonce >> 32) & _U32)
     k0, k1 = key & _U32, (key >> 32) & _U32
     for _ in range(10):
         hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
@@ -98,20 +126,41 @@ def philox_randn4x(key: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return (*box_muller(c0, c1), *box_muller(c2, c3))
 
 
-def released_noise(key: int, rows: int, width: int, base: int = 0, device=None) -> torch.Tensor:
-    """The float32 N(0, I) noise [rows, width] of a released tensor (see the rule above)."""
-    quads = -(-width // 4)
-    counters = base + torch.arange(rows * quads, device=device, dtype=torch.int64)
-    lanes = torch.stack(philox_randn4x(key, counters), dim=-1)  # [rows·quads, 4]
-    return lanes.view(rows, quads * 4)[:, :width]
+def released_noise(
+    key: int, rows: int, width: int, base: int = 0, device=None, *, std: float = 1.0,
+    secure_mode: bool = False,
+) -> torch.Tensor:
+    """The float32 noise [rows, width] of a released tensor with noise_std `std` (see the rule
+    above), before secure_mode's rounding: N(0, std²·I) up to float32 rounding."""
+    lanes = noise_lanes(secure_mode)
+    per_row = -(-width // lanes)
+    counters = base + torch.arange(rows * per_row, device=device, dtype=torch.int64)
+    z1, z2, z3, z4 = philox_randn4x(key, counters)
+    if secure_mode:
+        s = torch.tensor(std * math.sqrt(0.5), dtype=torch.float32)
+        noise = torch.stack((s * z1 + s * z3, s * z2 + s * z4), dim=-1)
+    else:
+        noise = torch.stack((z1, z2, z3, z4), dim=-1) * torch.tensor(std, dtype=torch.float32)
+    return noise.view(rows, per_row * lanes)[:, :width]
 
 
-def _noise_epilogue(acc, noise_std, scale, key, base, out_dtype):
-    """scale·(acc + noise_std·released_noise) for fp32 acc (1-D: one row), cast to out_dtype."""
+def snap_to_grid(x: torch.Tensor, grid: float) -> torch.Tensor:
+    """x rounded to the nearest multiple of the power of two `grid` (halves up), in x's dtype:
+    the kernels' floor(x·(1/grid) + 0.5)·grid, exact float operations."""
+    return torch.floor(x * (1.0 / grid) + 0.5) * grid
+
+
+def _noise_epilogue(acc, noise_std, scale, key, base, out_dtype, secure_mode=False):
+    """scale·(acc + noise), noise by the rule above (rounded to the grid in secure_mode), for
+    fp32 acc (1-D: one row), cast to out_dtype."""
     if noise_std > 0.0:
         rows, width = (1, acc.numel()) if acc.dim() < 2 else acc.shape
-        noise = released_noise(key, rows, width, base, device=acc.device)
-        acc = acc + noise_std * noise.view(acc.shape)
+        noise = released_noise(
+            key, rows, width, base, device=acc.device, std=noise_std, secure_mode=secure_mode
+        )
+        acc = acc + noise.view(acc.shape)
+        if secure_mode:
+            acc = snap_to_grid(acc, secure_noise_grid(noise_std))
     return (acc * scale).to(out_dtype)
 
 
@@ -145,7 +194,8 @@ def per_example_grad_sq_norms(a, g, *, bias=True, method=None):
 
 
 def clipped_grad_sum(
-    a, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+    a, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None,
+    secure_mode=False,
 ):
     """scale·(Σ_i c_i g_iᵀ a_i + noise_std·N(0, I)) [dout, din], and the same for the bias
     gradient Σ_i c_i Σ_t g_it [dout] (None without bias). Examples with c_i = 0 add exactly 0."""
@@ -155,11 +205,14 @@ def clipped_grad_sum(
     din, dout = a.shape[2], g.shape[2]
     key = noise_key(seed)
     weight = g.reshape(-1, dout).T @ a.reshape(-1, din)
-    weight = _noise_epilogue(weight, noise_std, scale, key, 0, out_dtype)
+    weight = _noise_epilogue(weight, noise_std, scale, key, 0, out_dtype, secure_mode)
     if not bias:
         return weight, None
-    bias_base = dout * -(-din // 4)
-    return weight, _noise_epilogue(g.sum((0, 1)), noise_std, scale, key, bias_base, out_dtype)
+    bias_base = dout * -(-din // noise_lanes(secure_mode))
+    bias_grad = _noise_epilogue(
+        g.sum((0, 1)), noise_std, scale, key, bias_base, out_dtype, secure_mode
+    )
+    return weight, bias_grad
 
 
 # Block clipping: the privacy groups are the tiles of the weight gradient, BLOCK_CLIP_TILE =
@@ -176,7 +229,8 @@ def block_clip_num_groups(dout: int, din: int) -> int:
 
 
 def block_clipped_grad_sum(
-    a, g, threshold, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+    a, g, threshold, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None,
+    secure_mode=False,
 ):
     """Like clipped_grad_sum, but each example's contribution to each group (weight tile, plus
     the bias slice for first-column tiles) is clipped to L2 norm `threshold`: factor
@@ -208,17 +262,19 @@ def block_clipped_grad_sum(
                     keep[:, :, 0], bias_slice * factor[:, None], 0.0
                 ).sum(0)
     key = noise_key(seed)
-    weight = _noise_epilogue(weight, noise_std, scale, key, 0, out_dtype)
+    weight = _noise_epilogue(weight, noise_std, scale, key, 0, out_dtype, secure_mode)
     if not bias:
         return weight, None
-    bias_base = dout * -(-din // 4)
-    return weight, _noise_epilogue(bias_sum, noise_std, scale, key, bias_base, out_dtype)
+    bias_base = dout * -(-din // noise_lanes(secure_mode))
+    return weight, _noise_epilogue(
+        bias_sum, noise_std, scale, key, bias_base, out_dtype, secure_mode
+    )
 
 
-def add_gaussian_noise_(x, std, *, seed=None):
+def add_gaussian_noise_(x, std, *, seed=None, secure_mode=False):
     """x += std·N(0, I) in place; x is seen as [-1, x.shape[-1]] for the noise rule."""
     rows2d = x.float().reshape(-1, x.shape[-1] if x.dim() else 1)
-    noisy = _noise_epilogue(rows2d, std, 1.0, noise_key(seed), 0, x.dtype)
+    noisy = _noise_epilogue(rows2d, std, 1.0, noise_key(seed), 0, x.dtype, secure_mode)
     return x.copy_(noisy.view(x.shape))
 
 
@@ -233,19 +289,25 @@ def norm_affine_grad_sq_norms(x_hat, g, *, bias=True):
 
 
 def norm_affine_clipped_grad_sum(
-    x_hat, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+    x_hat, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None,
+    secure_mode=False,
 ):
     """scale·(Σ_i c_i Σ_t g_it ⊙ x̂_it + noise_std·N(0, I)) [d], and the bias likewise (noise
-    base ⌈d/4⌉), or None without bias. Examples with c_i = 0 add exactly 0."""
+    base ⌈d/L⌉), or None without bias. Examples with c_i = 0 add exactly 0."""
     out_dtype = out_dtype or x_hat.dtype
     x_hat = _zero_dropped(_as_sequences(x_hat), clip_factors)
     g = _zero_dropped(_as_sequences(g), clip_factors) * clip_factors[:, None, None]
     d = g.shape[2]
     key = noise_key(seed)
-    weight = _noise_epilogue((g * x_hat).sum((0, 1)), noise_std, scale, key, 0, out_dtype)
+    weight = _noise_epilogue(
+        (g * x_hat).sum((0, 1)), noise_std, scale, key, 0, out_dtype, secure_mode
+    )
     if not bias:
         return weight, None
-    return weight, _noise_epilogue(g.sum((0, 1)), noise_std, scale, key, -(-d // 4), out_dtype)
+    bias_base = -(-d // noise_lanes(secure_mode))
+    return weight, _noise_epilogue(
+        g.sum((0, 1)), noise_std, scale, key, bias_base, out_dtype, secure_mode
+    )
 
 
 def _drop_padding(ids, g, padding_idx):
@@ -274,6 +336,7 @@ def embedding_clipped_grad_sum(
     padding_idx=None,
     seed=None,
     out_dtype=None,
+    secure_mode=False,
 ):
     """scale·(Σ_i c_i Σ_t onehot(ids_it) g_itᵀ + noise_std·N(0, I)) [V, d]. The padding_idx row
     is exactly 0: its gradient is 0 for every dataset, so it is released without noise."""
@@ -285,7 +348,7 @@ def embedding_clipped_grad_sum(
     d = g.shape[2]
     weight = torch.zeros(num_embeddings, d, dtype=torch.float32, device=g.device)
     weight.index_add_(0, ids.reshape(-1), g.reshape(-1, d))
-    weight = _noise_epilogue(weight, noise_std, scale, noise_key(seed), 0, out_dtype)
+    weight = _noise_epilogue(weight, noise_std, scale, noise_key(seed), 0, out_dtype, secure_mode)
     if padding_idx is not None:
         weight[padding_idx] = 0
     return weight

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .clipped_sum import dot_in_fp32, finish_with_noise
 from .per_example_norms import feature_block, folded_pair, folded_pair_count, gram_tile, seq_block
+from .reference import noise_lanes
 from .utils import noise_key
 
 
@@ -97,7 +98,8 @@ def _norm_affine_clipped_sum_kernel(
 
 
 def norm_affine_clipped_grad_sum(
-    x_hat, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None
+    x_hat, g, clip_factors, *, noise_std=0.0, scale=1.0, bias=True, seed=None, out_dtype=None,
+    secure_mode=False,
 ):
     """Clipped, noised norm-affine gradients (weight [d], bias [d] or None); see functional."""
     key = noise_key(seed)
@@ -113,13 +115,13 @@ def norm_affine_clipped_grad_sum(
         seq_len, d, HAS_BIAS=bias, BLOCK_R=block_r, BLOCK_D=block_d,
     )
     weight = torch.empty(d, dtype=out_dtype, device=x_hat.device)
-    finish_with_noise(ws[:, 0], weight, noise_std=noise_std, scale=scale, key=key)
+    noise = dict(noise_std=noise_std, scale=scale, key=key, secure_mode=secure_mode)
+    finish_with_noise(ws[:, 0], weight, **noise)
     if not bias:
         return weight, None
     bias_grad = torch.empty(d, dtype=out_dtype, device=x_hat.device)
-    # The bias's noise counters follow the weight's ⌈d/4⌉, as in the twin.
-    finish_with_noise(ws[:, 1], bias_grad, noise_std=noise_std, scale=scale, key=key,
-                      base=triton.cdiv(d, 4))
+    # The bias's noise counters follow the weight's ⌈d/L⌉, as in the twin.
+    finish_with_noise(ws[:, 1], bias_grad, base=triton.cdiv(d, noise_lanes(secure_mode)), **noise)
     return weight, bias_grad
 
 
@@ -188,7 +190,7 @@ def _embedding_scatter_kernel(
 
 def embedding_clipped_grad_sum(
     ids, g, clip_factors, num_embeddings, *, noise_std=0.0, scale=1.0, padding_idx=None,
-    seed=None, out_dtype=None,
+    seed=None, out_dtype=None, secure_mode=False,
 ):
     """Clipped, noised embedding-table gradient [num_embeddings, d]; see functional."""
     key = noise_key(seed)
@@ -205,7 +207,8 @@ def embedding_clipped_grad_sum(
             HAS_PADDING=padding_idx is not None, BLOCK_R=block_r, BLOCK_D=block_d,
         )
     weight = torch.empty(num_embeddings, d, dtype=out_dtype, device=g.device)
-    finish_with_noise(ws[None], weight, noise_std=noise_std, scale=scale, key=key)
+    finish_with_noise(ws[None], weight, noise_std=noise_std, scale=scale, key=key,
+                      secure_mode=secure_mode)
     if padding_idx is not None:
         # Its gradient is 0 for every dataset: released exactly, without noise.
         weight[padding_idx] = 0

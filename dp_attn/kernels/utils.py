@@ -44,7 +44,7 @@ def check_tensor(
     ndim: int | tuple[int, ...] | None = None,
     dtypes: tuple[torch.dtype, ...] | None = FLOAT_DTYPES,
 ) -> None:
-    """Raise TypeError/ValueError naming `name` unless `t` is a tensor of the expected rank/dtype."""
+    """Raise TypeError/ValueError naming `name` unless `t` has the expected rank and dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None:
@@ -72,13 +72,15 @@ def check_nonnegative(name: str, value: float) -> None:
 
 
 def noise_key(seed: int | None) -> int:
-    """The 64-bit key of one noise draw.
+    """The 128-bit key of one noise draw: its low 64 bits key Philox, its high 64 bits fill the
+    Philox counter words that the element offsets leave free (the rule in reference.py).
 
-    `seed=None` (the only setting for real training) takes fresh bits from the operating
-    system's CSPRNG, never from torch's global generator. An explicit seed is for tests.
+    `seed=None` (the only setting for real training) takes 128 fresh bits from the operating
+    system's CSPRNG, never from torch's global generator. An explicit seed is for tests. The
+    key is never stored, logged or returned to the caller.
     """
     if seed is None:
-        return secrets.randbits(63)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be None or an int in [0, 2**63), got {seed!r}")
+        return secrets.randbits(128)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**128:
+        raise ValueError(f"seed must be None or an int in [0, 2**128), got {seed!r}")
     return seed
