@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_epsilon_command(sub)
     _add_calibrate_command(sub)
     _add_demo_command(sub)
+    _add_selfcheck_command(sub)
     return parser
 
 
@@ -167,6 +168,36 @@ def _run_demo(args: argparse.Namespace) -> int:
     except ImportError as error:  # an optional dependency (scikit-learn, tqdm, matplotlib)
         return _usage_error("demo", error)
     return 0
+
+
+# ---------------------------------------------------------------- selfcheck
+
+
+def _add_selfcheck_command(sub) -> None:
+    p = sub.add_parser(
+        "selfcheck",
+        help="run the kernels on this machine against the float64 reference",
+        description="Run flash attention and the DP linear-layer kernels on this machine against "
+        "the plain-PyTorch reference in float64; print device, backend and max errors. Exit "
+        "status 1 if any error is out of tolerance.",
+    )
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object after the table")
+    p.set_defaults(run=_run_selfcheck)
+
+
+def _run_selfcheck(args: argparse.Namespace) -> int:
+    import json
+
+    from dp_attn.selfcheck import run_selfcheck
+
+    try:
+        report = run_selfcheck(args.device)
+    except RuntimeError as error:  # e.g. --device cuda on a machine without CUDA
+        return _usage_error("selfcheck", f"--device: {error}")
+    if args.json:
+        print(json.dumps(report))
+    return 0 if report["ok"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

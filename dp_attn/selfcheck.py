@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from dp_attn.functional import flash_attention
-from dp_attn.kernels.reference import attention_reference
+from dp_attn import functional
+from dp_attn.kernels import reference
 from dp_attn.kernels.utils import backend_name
 
 # Allowed max abs error, relative to max(1, max |expected|), per input dtype.
@@ -53,8 +53,8 @@ def check_flash_attention(device: torch.device) -> list[dict]:
         q, k, v, do = (torch.randn(s, generator=gen).to(device, dtype) for s in shapes)
         results = {}
         for name, fn, args in (
-            ("kernel", flash_attention, (q, k, v)),
-            ("reference", attention_reference, (q.double(), k.double(), v.double())),
+            ("kernel", functional.flash_attention, (q, k, v)),
+            ("reference", reference.attention_reference, (q.double(), k.double(), v.double())),
         ):
             leaves = [t.detach().requires_grad_() for t in args]
             out = fn(*leaves, causal=True, key_lengths=key_lengths)
@@ -65,7 +65,36 @@ def check_flash_attention(device: torch.device) -> list[dict]:
     return rows
 
 
-CHECKS: list[Callable[[torch.device], list[dict]]] = [check_flash_attention]
+def check_linear_dp_kernels(device: torch.device) -> list[dict]:
+    """Per-example gradient norms (both methods) and the clipped weight-gradient sum of a linear
+    layer, without noise, against the reference in float64 on the same inputs."""
+    B, T, din, dout = 4, 48, 64, 32
+    gen = torch.Generator().manual_seed(1)
+    dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
+    rows = []
+    for dtype in dtypes:
+        a = torch.randn(B, T, din, generator=gen).to(device, dtype)
+        g = torch.randn(B, T, dout, generator=gen).to(device, dtype)
+        factors = torch.rand(B, generator=gen).to(device)
+        results = {}
+        for name, module, (x, y) in (
+            ("kernel", functional, (a, g)),
+            ("reference", reference, (a.double(), g.double())),
+        ):
+            out = {m: module.per_example_grad_sq_norms(x, y, method=m) for m in ("ghost",
+                   "instantiate")}  # fmt: skip
+            out["weight_grad"], out["bias_grad"] = module.clipped_grad_sum(
+                x, y, factors, noise_std=0.0, seed=0)
+            results[name] = out
+        shape = f"B={B} T={T} din={din} dout={dout}"
+        rows.append(_row("clipped linear", dtype, shape, results["kernel"], results["reference"]))
+    return rows
+
+
+CHECKS: list[Callable[[torch.device], list[dict]]] = [
+    check_flash_attention,
+    check_linear_dp_kernels,
+]
 
 
 def run_selfcheck(device: torch.device | str | None = None) -> dict:
@@ -77,10 +106,10 @@ def run_selfcheck(device: torch.device | str | None = None) -> dict:
     print(f"device:  {device} ({name})")
     print(f"backend: {backend}")
     rows = [row for check in CHECKS for row in check(device)]
-    print(f"{'kernel':<18} {'dtype':<9} {'max abs error':<54} {'ok':<4} shape")
+    print(f"{'kernel':<18} {'dtype':<9} {'max abs error':<72} {'ok':<4} shape")
     for row in rows:
         errors = " ".join(f"{k}={v:.1e}" for k, v in row["errors"].items())
         ok = "ok" if row["ok"] else "FAIL"
-        print(f"{row['kernel']:<18} {row['dtype']:<9} {errors:<54} {ok:<4} {row['shape']}")
+        print(f"{row['kernel']:<18} {row['dtype']:<9} {errors:<72} {ok:<4} {row['shape']}")
     return {"device": str(device), "device_name": name, "backend": backend, "checks": rows,
             "ok": all(row["ok"] for row in rows)}  # fmt: skip
