@@ -10,7 +10,8 @@ Methods (same architecture):
 - "non-private flash": the nn.MultiheadAttention model with dp_attn's layers and no engine
   (dp_attn.flash_attention, plain autograd);
 - "ours flat" / "ours per-layer" / "ours block": the nn.MultiheadAttention model made private
-  with dp_attn.PrivacyEngine (z = 1, C = 1);
+  with dp_attn.PrivacyEngine (z = 1, C = 1, secure_mode on: the default; Opacus runs with its
+  default, secure_mode off);
 - "opacus hooks" / "opacus ghost": Opacus 1.6 on the SDPA model (only its nn.Linear,
   nn.LayerNorm and nn.Embedding layers hold parameters), grad_sample_mode "hooks" and "ghost"
   (skipped if opacus is not installed).

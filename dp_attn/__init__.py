@@ -9,10 +9,10 @@ import importlib
 # __all__ (and their module here); do not import torch-using modules eagerly.
 _SUBMODULES = ("functional", "engine")
 
+# From dp_attn.functional (attention and the DP-SGD kernels for layers) and dp_attn.engine
+# (the privacy engine); the DP layers are in dp_attn.nn.
 __all__ = [
-    # DP-SGD kernels for layers
     "BLOCK_CLIP_TILE",
-    # privacy engine (the DP layers are in dp_attn.nn)
     "DPOptimizer",
     "PoissonDataLoader",
     "PrivacyEngine",
@@ -22,6 +22,7 @@ __all__ = [
     "clipped_grad_sum",
     "embedding_clipped_grad_sum",
     "embedding_grad_sq_norms",
+    "flash_attention",
     "norm_affine_clipped_grad_sum",
     "norm_affine_grad_sq_norms",
     "per_example_grad_sq_norms",

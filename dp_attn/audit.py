@@ -427,6 +427,7 @@ def audit_one_run(
     accountant: str = "prv",
     confidence: float = 0.95,
     guess_counts: Sequence[tuple[int, int]] | None = None,
+    secure_mode: bool = True,
 ) -> AuditResult:
     """Audit PrivacyEngine on your model with one training run; see the module docstring.
 
@@ -436,8 +437,8 @@ def audit_one_run(
     canaries: a map-style dataset of m canary examples; each is included with probability 1/2.
     loss_fn(model, batch): the per-example losses [B] of a collated batch of examples.
     data: other training examples (same structure as the canaries), always included.
-    steps, noise_multiplier, max_grad_norm, clipping, accountant: the run, as make_private
-        takes them; max_grad_norm must be a number. sample_rate: the Poisson rate; the
+    steps, noise_multiplier, max_grad_norm, clipping, accountant, secure_mode: the run, as
+        make_private takes them; max_grad_norm must be a number. sample_rate: the Poisson rate; the
         engine uses batch_size / N with batch_size = round(sample_rate·N), N = len(data) + m.
     make_optimizer: params -> optimizer (default SGD, lr 0.1).
     delta, confidence, guess_counts: the test (see audit_scores).
@@ -484,6 +485,7 @@ def audit_one_run(
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=DataLoader(train_set, batch_size=batch_size),
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, clipping=clipping,
+        secure_mode=secure_mode,
     )
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     private = dict(model.named_parameters())

@@ -25,6 +25,7 @@ What happens in one logical step (DESIGN.md §1):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import secrets
@@ -82,6 +83,22 @@ class PrivacyStats:
 # ---------------------------------------------------------------- clipping (backward side)
 
 
+@contextlib.contextmanager
+def _oom_points_to_micro_batches(batch: int):
+    """Re-raise an out-of-memory error of the clipping work with the remedy: a Poisson batch's
+    size is random, so the cure is micro-batching, not a smaller expected batch size."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        raise torch.OutOfMemoryError(
+            f"out of memory in the backward pass of a Poisson batch of {batch} examples: split "
+            "each batch into micro-batches (forward and backward on slices of it, then one "
+            "optimizer.step(): the engine sums their clipped gradients and adds the noise once "
+            "per step, so privacy and ε are unchanged). Call optimizer.zero_grad() before "
+            f"retrying. The original error: {err}"
+        ) from err
+
+
 class _Clipper:
     """The per-step bookkeeping of one private model: every DP layer's `_dp_controller`.
 
@@ -107,11 +124,20 @@ class _Clipper:
         self._end_pass()
 
     # ---- one backward pass
+    # Never traced by torch.compile: a backward graph compiled from it would run its side
+    # effects (the pass callback, the accumulator) once, at trace time. A DP layer's autograd
+    # Function therefore runs eagerly inside a compiled model, and fullgraph=True fails naming
+    # this function (docs/supported.md).
+    @torch.compiler.disable
     def record(self, owner: nn.Module, pieces) -> None:
         batch = pieces[0].batch_size
         self._begin(owner, batch, pieces[0])
         if batch == 0:
             return
+        with _oom_points_to_micro_batches(batch):
+            self._record(owner, pieces, batch)
+
+    def _record(self, owner: nn.Module, pieces, batch: int) -> None:
         scale = float(batch) if self.mean else 1.0  # undo the loss's 1/B: true per-example grads
         if self.style == "flat":
             sq = sum(p.sq_norms() for p in pieces)
@@ -160,10 +186,11 @@ class _Clipper:
             if getattr(self, "_pass_open", False) and self._pass_batch:
                 scale = float(self._pass_batch) if self.mean else 1.0
                 if self._kept:
-                    factors = self._factors(self._sq, self.max_grad_norm, scale)
-                    for pieces in self._kept:
-                        for piece in pieces:
-                            self._add(piece.clipped_sums(factors))
+                    with _oom_points_to_micro_batches(self._pass_batch):
+                        factors = self._factors(self._sq, self.max_grad_norm, scale)
+                        for pieces in self._kept:
+                            for piece in pieces:
+                                self._add(piece.clipped_sums(factors))
                 self.stats.examples += self._pass_batch
                 count = self._pass_nonfinite.sum()
                 self._nonfinite = count if self._nonfinite is None else self._nonfinite + count
@@ -427,6 +454,7 @@ class PrivacyEngine:
         target_epsilon: float | None = None,
         target_delta: float | None = None,
         generator: torch.Generator | None = None,
+        secure_mode: bool = True,
     ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
         """Make training private; returns (module, optimizer, data_loader) to train with.
 
@@ -451,6 +479,10 @@ class PrivacyEngine:
         target_epsilon, target_delta: an optional budget; a step that would exceed it raises
             BudgetExceededError before anything is released.
         generator: fixes the Poisson sampling's draws (tests only; default: CSPRNG-seeded).
+        secure_mode: draw each noise coordinate as the sum of two normals and round the noised
+            sum to a power-of-two grid, against floating-point attacks on the Gaussian samples
+            (docs/threat_model.md); same ε, at most 1/48 more noise variance. On by default:
+            without it the float32 sampler's truncated tails can make δ false for large models.
         """
         if self._clipper is not None:
             raise RuntimeError("this PrivacyEngine is already in use: create one per model")
@@ -471,6 +503,8 @@ class PrivacyEngine:
             )
         if (target_epsilon is None) != (target_delta is None):
             raise ValueError("give both target_epsilon and target_delta for a budget, or neither")
+        if not isinstance(secure_mode, bool):
+            raise TypeError(f"secure_mode must be a bool, got {type(secure_mode).__name__}")
         loader = PoissonDataLoader.from_data_loader(data_loader, generator=generator)
         budget = None
         if target_epsilon is not None:
@@ -488,6 +522,7 @@ class PrivacyEngine:
 
         self._noise_multiplier = noise_multiplier
         self._total_threshold = total
+        self._secure_mode = secure_mode
         self._sample_rate = loader.sample_rate
         self._expected_batch_size = loader.sample_rate * len(loader.dataset)
         self._budget = budget
@@ -508,6 +543,7 @@ class PrivacyEngine:
             "expected_batch_size": self._expected_batch_size,
             "target_epsilon": target_epsilon,
             "target_delta": target_delta,
+            "secure_mode": secure_mode,
         }
         self._clipper = _Clipper(
             clipping, loss_reduction, group_threshold,
@@ -536,6 +572,7 @@ class PrivacyEngine:
         clipping: str = "flat",
         loss_reduction: str = "mean",
         generator: torch.Generator | None = None,
+        secure_mode: bool = True,
     ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
         """make_private with the noise multiplier calibrated (by this engine's accountant) so
         that `epochs` epochs of len(data_loader) steps at q = batch_size / len(dataset) spend
@@ -551,7 +588,7 @@ class PrivacyEngine:
             module=module, optimizer=optimizer, data_loader=data_loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, clipping=clipping,
             loss_reduction=loss_reduction, target_epsilon=target_epsilon,
-            target_delta=target_delta, generator=generator,
+            target_delta=target_delta, generator=generator, secure_mode=secure_mode,
         )
 
     # ---- the ledger
@@ -607,6 +644,17 @@ class PrivacyEngine:
         return devices.pop()
 
     # ---- one logical step (called by DPOptimizer.step)
+    def _add_noise(self, grads: torch.Tensor, std: float) -> None:
+        """grads += N(0, std²) in place: the step's noise (DistributedPrivacyEngine overrides
+        this to add a per-rank share and sum the ranks' clipped sums)."""
+        if std > 0.0:
+            DF.add_gaussian_noise_(grads, std, secure_mode=self._secure_mode)
+
+    def _as_grad(self, param: nn.Parameter, grad: torch.Tensor) -> torch.Tensor:
+        """The released gradient (fp32, param's shape) as param.grad (DistributedPrivacyEngine
+        overrides this to keep only this rank's shard of an FSDP-sharded parameter)."""
+        return grad if grad.dtype == param.dtype else grad.to(param.dtype)
+
     def _release(self, noise_multiplier: float) -> None:
         if self._clipper.pass_open:
             raise RuntimeError(
@@ -619,9 +667,7 @@ class PrivacyEngine:
         grads = self._clipper.take()
         if grads is None:
             grads = torch.zeros(self._clipper.size, dtype=torch.float32, device=self._device())
-        std = noise_multiplier * self._total_threshold
-        if std > 0.0:
-            DF.add_gaussian_noise_(grads, std)
+        self._add_noise(grads, noise_multiplier * self._total_threshold)
         grads.div_(self._expected_batch_size)
         for _, p in self._params:
             if not p.requires_grad:
@@ -629,7 +675,7 @@ class PrivacyEngine:
             grad = grads[self._clipper.slices[p]].view(p.shape)
             if p in self._padding_rows:
                 grad[self._padding_rows[p]] = 0.0  # never trained: its true gradient is 0
-            p.grad = grad if grad.dtype == p.dtype else grad.to(p.dtype)
+            p.grad = self._as_grad(p, grad)
         self._stats.steps += 1
 
 

@@ -6,8 +6,26 @@ from __future__ import annotations
 import torch
 
 from .kernels import clipped_sum, per_example_norms, reference, small_layers
-from .kernels.flash_attn import check_attention_args, flash_attention_triton
+from .kernels.flash_attn import (
+    check_attention_args,
+    check_key_lengths_range,
+    flash_attention_triton,
+)
 from .kernels.utils import FLOAT_DTYPES, check_nonnegative, check_same, check_tensor, use_triton
+
+__all__ = [
+    "BLOCK_CLIP_TILE",
+    "add_gaussian_noise_",
+    "block_clip_num_groups",
+    "block_clipped_grad_sum",
+    "clipped_grad_sum",
+    "embedding_clipped_grad_sum",
+    "embedding_grad_sq_norms",
+    "flash_attention",
+    "norm_affine_clipped_grad_sum",
+    "norm_affine_grad_sq_norms",
+    "per_example_grad_sq_norms",
+]
 
 # ---------------------------------------------------------------- attention
 
@@ -51,6 +69,7 @@ def flash_attention(
     )
     if use_triton(q, k, v):
         return flash_attention_triton(q, k, v, causal, softmax_scale, key_lengths)
+    check_key_lengths_range(key_lengths, k.shape[2])
     return reference.attention_reference(
         q, k, v, causal=causal, softmax_scale=softmax_scale, key_lengths=key_lengths
     )
@@ -180,6 +199,9 @@ BLOCK_CLIP_TILE = reference.BLOCK_CLIP_TILE
 def block_clip_num_groups(dout: int, din: int) -> int:
     """Number K of block-clipping groups of one [dout, din] linear layer (its bias included):
     the BLOCK_CLIP_TILE tiles of the weight gradient. Set per-group thresholds C/√K_total."""
+    for name, value in (("dout", dout), ("din", din)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return reference.block_clip_num_groups(dout, din)
 
 
@@ -318,6 +340,11 @@ def add_gaussian_noise_(
     once per logical step after summing micro-batches' clipped gradients with noise_std=0.
     secure_mode as in clipped_grad_sum (x + noise is rounded to the grid)."""
     check_tensor("x", x)
+    if any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape, strict=True)):
+        raise ValueError(
+            f"x must not be expanded (stride 0 in a dimension of size > 1: its elements share "
+            f"memory), got shape {tuple(x.shape)} with strides {x.stride()}; pass x.clone()"
+        )
     std = _check_number("std", std, nonnegative=True)
     _check_flag("secure_mode", secure_mode)
     return _backend(clipped_sum, x).add_gaussian_noise_(x, std, seed=seed, secure_mode=secure_mode)

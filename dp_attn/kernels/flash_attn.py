@@ -19,6 +19,10 @@ fp32 inputs: tl.dot uses 3xTF32 (three TF32 tensor-core products, about fp32 acc
 fp32 FMA dots compile to heavily spilling code on sm_90) unless the user opted into TF32 for
 matmuls (torch.backends.cuda.matmul.allow_tf32 / torch.set_float32_matmul_precision("high")),
 in which case plain TF32. The interpreter computes fp32 dots in IEEE fp32.
+
+The launchers are the torch.library custom ops dp_attn::flash_attention_fwd and
+dp_attn::flash_attention_bwd, with fake (shape) functions and the autograd formula registered,
+so that torch.compile runs a model calling flash_attention without a graph break.
 """
 
 from __future__ import annotations
@@ -217,7 +221,9 @@ def _attn_fwd(
         mask=row_ok[:, None], other=0.0,
     ).to(DOT_DTYPE)  # fmt: skip
 
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked block gives p = 0
+    # -FLT_MAX: finite (a fully masked block gives p = 0, not NaN) and below every finite score
+    # (-1e30 made a row whose visible scores are all below it output 0).
+    m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
@@ -500,7 +506,9 @@ def _attn_bwd_dq(
 
 
 def check_attention_args(q, k, v, *, causal, softmax_scale, key_lengths) -> float:
-    """Validate flash_attention's arguments; return the softmax scale to use."""
+    """Validate flash_attention's arguments without reading tensor values (no device sync, so
+    that torch.compile traces it); return the softmax scale to use. key_lengths' values are
+    checked by check_key_lengths_range where they are used."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
     check_same("dtype", q=q, k=k, v=v)
@@ -545,13 +553,6 @@ def check_attention_args(q, k, v, *, causal, softmax_scale, key_lengths) -> floa
             raise ValueError(
                 f"key_lengths must be on q's device {q.device}, got {key_lengths.device}"
             )
-        if B > 0:
-            lo, hi = torch.stack(torch.aminmax(key_lengths)).tolist()
-            if lo < 0 or hi > k.shape[2]:
-                raise ValueError(
-                    f"key_lengths must lie in [0, {k.shape[2]}] (the number of keys), "
-                    f"got values in [{lo}, {hi}]"
-                )
     return float(softmax_scale)
 
 
@@ -584,11 +585,54 @@ def _seq_bucket(Tq: int, Tk: int) -> int:
     return triton.next_power_of_2(max(Tq, Tk, 128))
 
 
-def _forward(q, k, v, causal, sm_scale, key_lengths):
+# ---------------------------------------------------------------- torch.library ops, autograd
+# The two launchers are custom operators (torch.library.custom_op), so that torch.compile keeps a
+# model that calls flash_attention in one graph: Dynamo and AOTAutograd see each launcher as one
+# opaque node, shaped by its fake (meta) function, with the backward op wired in through
+# register_autograd. They are not torch.library.triton_op + wrap_triton, which would let Inductor
+# trace into the kernels: under TRITON_INTERPRET=1 (how CI tests the kernels) wrap_triton does
+# not recognise the interpreter's kernels and launches them on fake tensors while tracing (torch
+# 2.13, triton 3.9), and attention has no neighbouring elementwise work worth fusing into it.
+
+
+def check_key_lengths_range(key_lengths: torch.Tensor | None, num_keys: int) -> None:
+    """Raise ValueError unless every key length lies in [0, num_keys] (one device sync). The
+    kernels read every key below an example's length, so the forward op runs this check on
+    each call, compiled or not. While torch.compile traces (the reference path), the check is
+    an asynchronous assertion in the graph instead, which raises RuntimeError."""
+    if key_lengths is None or key_lengths.numel() == 0:
+        return
+    message = f"key_lengths must lie in [0, {num_keys}] (the number of keys)"
+    if torch.compiler.is_compiling():
+        torch._assert_async(((key_lengths >= 0) & (key_lengths <= num_keys)).all(), message)
+        return
+    lo, hi = torch.stack(torch.aminmax(key_lengths)).tolist()
+    if lo < 0 or hi > num_keys:
+        raise ValueError(f"{message}, got values in [{lo}, {hi}]")
+
+
+@torch.library.custom_op("dp_attn::flash_attention_fwd", mutates_args=())
+def flash_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    key_lengths: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel: (out [B, H, Tq, D] laid out as [B, Tq, H, D], lse fp32 [B, H, Tq]).
+
+    lse is the base-2 log-sum-exp of each row's scaled scores (+inf for a row that sees no key),
+    saved for the backward; it is not differentiable. Arguments must have passed
+    check_attention_args; key_lengths' values are checked here."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    check_key_lengths_range(key_lengths, Tk)
     out = _bhsd_empty(q, B, H, Tq, D)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    # Empty batch (legal under Poisson sampling) or no key to see: an all-zero output.
+    if q.numel() == 0 or Tk == 0:
+        return out.zero_(), lse.fill_(math.inf)
     dot_dtype, precision = _dot_settings(q.dtype)
     has_lengths = key_lengths is not None
 
@@ -606,12 +650,33 @@ def _forward(q, k, v, causal, sm_scale, key_lengths):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, causal, sm_scale, key_lengths):
+@flash_attention_fwd.register_fake
+def _flash_attention_fwd_fake(q, k, v, causal, sm_scale, key_lengths):
+    B, H, Tq, D = q.shape
+    return _bhsd_empty(q, B, H, Tq, D), q.new_empty(B, H, Tq, dtype=torch.float32)
+
+
+@torch.library.custom_op("dp_attn::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    key_lengths: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernels: (dq, dk, dv), each laid out as [B, T, heads, D] in memory, from the
+    output gradient do and the forward's out and lse."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dq = _bhsd_empty(q, B, H, Tq, D)
     dk = _bhsd_empty(k, B, Hkv, Tk, D)
     dv = _bhsd_empty(v, B, Hkv, Tk, D)
+    if q.numel() == 0 or Tk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
     dot_dtype, precision = _dot_settings(q.dtype)
     has_lengths = key_lengths is not None
@@ -640,32 +705,31 @@ def _backward(do, q, k, v, out, lse, causal, sm_scale, key_lengths):
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the kernels. Arguments must have passed check_attention_args."""
+@flash_attention_bwd.register_fake
+def _flash_attention_bwd_fake(do, q, k, v, out, lse, causal, sm_scale, key_lengths):
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    return _bhsd_empty(q, B, H, Tq, D), _bhsd_empty(k, B, Hkv, Tk, D), _bhsd_empty(v, B, Hkv, Tk, D)
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, key_lengths):
-        ctx.causal, ctx.sm_scale = causal, sm_scale
-        B, H, Tq, D = q.shape
-        # Empty batch (legal under Poisson sampling) or no key to see: an all-zero output.
-        ctx.trivial = q.numel() == 0 or k.shape[2] == 0
-        if ctx.trivial:
-            ctx.save_for_backward(q, k, v)
-            return q.new_zeros(B, H, Tq, D)
-        out, lse = _forward(q, k, v, causal, sm_scale, key_lengths)
-        ctx.save_for_backward(q, k, v, out, lse, key_lengths)
-        return out
 
-    @staticmethod
-    def backward(ctx, do):
-        if ctx.trivial:
-            q, k, v = ctx.saved_tensors
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
-        q, k, v, out, lse, key_lengths = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, out, lse, ctx.causal, ctx.sm_scale, key_lengths)
-        return dq, dk, dv, None, None, None
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, sm_scale, key_lengths = inputs
+    out, lse = output
+    ctx.causal, ctx.sm_scale = causal, sm_scale
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_lengths)
+
+
+def _backward(ctx, do, _lse_grad):
+    q, k, v, out, lse, key_lengths = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd(do, q, k, v, out, lse, ctx.causal, ctx.sm_scale, key_lengths)
+    return dq, dk, dv, None, None, None
+
+
+flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention_triton(q, k, v, causal: bool, softmax_scale: float, key_lengths):
-    """The kernel path of dp_attn.functional.flash_attention (arguments already checked)."""
-    return FlashAttentionFunction.apply(q, k, v, causal, softmax_scale, key_lengths)
+    """The kernel path of dp_attn.functional.flash_attention (arguments already checked by
+    check_attention_args)."""
+    return flash_attention_fwd(q, k, v, causal, softmax_scale, key_lengths)[0]

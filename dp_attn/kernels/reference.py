@@ -104,7 +104,7 @@ def philox_randn4x(key: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Four float32 N(0, 1) tensors for int64 offsets under a 128-bit key, as the kernels draw
     them; for key < 2^64 (nonce 0) exactly Triton's tl.randn4x(key, offsets)."""
     nonce = key >> 64
-    c0, c1 = offsets & _U32, offsets >> 32
+    c0, c1 = offsets & _U32, (offsets >> 32) & _U32  # any int64 bit pattern, as the kernels
     c2 = torch.full_like(offsets, nonce & _U32)
     c3 = torch.full_like(offsets, (nonce >> 32) & _U32)
     k0, k1 = key & _U32, (key >> 32) & _U32
@@ -273,8 +273,11 @@ def block_clipped_grad_sum(
 
 def add_gaussian_noise_(x, std, *, seed=None, secure_mode=False):
     """x += std·N(0, I) in place; x is seen as [-1, x.shape[-1]] for the noise rule."""
+    key = noise_key(seed)
+    if x.numel() == 0:  # nothing to noise (and no [-1, 0] view of it)
+        return x
     rows2d = x.float().reshape(-1, x.shape[-1] if x.dim() else 1)
-    noisy = _noise_epilogue(rows2d, std, 1.0, noise_key(seed), 0, x.dtype, secure_mode)
+    noisy = _noise_epilogue(rows2d, std, 1.0, key, 0, x.dtype, secure_mode)
     return x.copy_(noisy.view(x.shape))
 
 
