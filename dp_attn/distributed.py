@@ -149,7 +149,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
             batch_size is the expected GLOBAL batch size (q = batch_size / len(dataset)).
             Replaced by this rank's DistributedPoissonDataLoader.
         generator: fixes this rank's Poisson draws (tests only: give each rank its own seed).
-        secure_mode: as for PrivacyEngine, applied to each rank's noise share.
+        secure_mode: as for PrivacyEngine; the reduced sum is rounded, never a rank's share.
         Everything else is as for PrivacyEngine.make_private and must be the same on every
         rank (noise_multiplier too, when changed between steps).
         """
