@@ -174,6 +174,22 @@ def _fwd_inner(
 
 
 @triton.jit
+def _load_rows(base, rows, row_ok, stride_row, stride_d, HEAD_DIM: tl.constexpr):
+    """The [rows, HEAD_DIM] tile of one head; rows past the sequence read as 0, never touched."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
+                   mask=row_ok[:, None], other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _store_rows(base, rows, row_ok, stride_row, stride_d, value, HEAD_DIM: tl.constexpr):
+    """Store a [rows, HEAD_DIM] tile of one head; rows past the sequence are not written."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
+             value.to(base.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+
+
+@triton.jit
 def _key_range(start_m, kv_len, causal_shift, BLOCK_M, BLOCK_N, CAUSAL: tl.constexpr):
     """Keys seen by query rows [start_m, start_m + BLOCK_M): blocks [0, full_hi) need no mask,
     blocks [full_hi, hi) do."""
@@ -216,10 +232,7 @@ def _attn_fwd(
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    q = tl.load(
-        q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None], other=0.0,
-    ).to(DOT_DTYPE)  # fmt: skip
+    q = _load_rows(q_base, rows, row_ok, stride_qm, stride_qd, HEAD_DIM).to(DOT_DTYPE)
 
     # -FLT_MAX: finite (a fully masked block gives p = 0, not NaN) and below every finite score
     # (-1e30 made a row whose visible scores are all below it output 0).
@@ -245,10 +258,7 @@ def _attn_fwd(
     out = acc / l_i[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(l_i), float("inf"))
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(
-        o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
-        out.to(Out.dtype.element_ty), mask=row_ok[:, None],
-    )  # fmt: skip
+    _store_rows(o_base, rows, row_ok, stride_om, stride_od, out, HEAD_DIM)
     tl.store(LSE + (b * H + h).to(tl.int64) * Tq + rows, lse, mask=row_ok)
 
 
@@ -264,18 +274,11 @@ def _bwd_preprocess(
     h = tl.program_id(1)
     b = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = rows < Tq
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    o = tl.load(
-        o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
-        mask=row_ok[:, None], other=0.0,
-    ).to(tl.float32)  # fmt: skip
-    do = tl.load(
-        do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=row_ok[:, None], other=0.0,
-    ).to(tl.float32)  # fmt: skip
+    o = _load_rows(o_base, rows, row_ok, stride_om, stride_od, HEAD_DIM).to(tl.float32)
+    do = _load_rows(do_base, rows, row_ok, stride_dom, stride_dod, HEAD_DIM).to(tl.float32)
     tl.store(Delta + (b * H + h).to(tl.int64) * Tq + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
@@ -343,14 +346,8 @@ def _attn_bwd_dkdv(
     col_ok = cols < Tk
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    k = tl.load(
-        k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=col_ok[:, None], other=0.0,
-    ).to(DOT_DTYPE)  # fmt: skip
-    v = tl.load(
-        v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=col_ok[:, None], other=0.0,
-    ).to(DOT_DTYPE)  # fmt: skip
+    k = _load_rows(k_base, cols, col_ok, stride_kn, stride_kd, HEAD_DIM).to(DOT_DTYPE)
+    v = _load_rows(v_base, cols, col_ok, stride_vn, stride_vd, HEAD_DIM).to(DOT_DTYPE)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -393,14 +390,8 @@ def _attn_bwd_dkdv(
     dk = dk * sm_scale
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-    tl.store(
-        dk_base + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-        dk.to(DK.dtype.element_ty), mask=col_ok[:, None],
-    )  # fmt: skip
-    tl.store(
-        dv_base + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-        dv.to(DV.dtype.element_ty), mask=col_ok[:, None],
-    )  # fmt: skip
+    _store_rows(dk_base, cols, col_ok, stride_dkn, stride_dkd, dk, HEAD_DIM)
+    _store_rows(dv_base, cols, col_ok, stride_dvn, stride_dvd, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -468,14 +459,8 @@ def _attn_bwd_dq(
     row_ok = rows < Tq
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    q = tl.load(
-        q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None], other=0.0,
-    ).to(DOT_DTYPE)  # fmt: skip
-    do = tl.load(
-        do_base + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=row_ok[:, None], other=0.0,
-    ).to(DOT_DTYPE)  # fmt: skip
+    q = _load_rows(q_base, rows, row_ok, stride_qm, stride_qd, HEAD_DIM).to(DOT_DTYPE)
+    do = _load_rows(do_base, rows, row_ok, stride_dom, stride_dod, HEAD_DIM).to(DOT_DTYPE)
     lse = tl.load(LSE + (b * H + h).to(tl.int64) * Tq + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + (b * H + h).to(tl.int64) * Tq + rows, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -496,10 +481,7 @@ def _attn_bwd_dq(
 
     dq = dq * sm_scale
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    tl.store(
-        dq_base + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-        dq.to(DQ.dtype.element_ty), mask=row_ok[:, None],
-    )  # fmt: skip
+    _store_rows(dq_base, rows, row_ok, stride_dqm, stride_dqd, dq, HEAD_DIM)
 
 
 # ---------------------------------------------------------------- host side
