@@ -5,6 +5,9 @@ Three queries, each answered by every library that can:
     single      ε of 1e5 steps of one regime (z = 1.1, q = 256/60000, δ = 1e-5)
     hetero      ε of a 3-regime history (2000 + 3000 + 5000 steps), δ = 1e-5
     calibrate   the noise multiplier for ε = 3 at δ = 1e-5, q = 0.01, 1e4 steps
+    ramp        ε of 1000 distinct steps, z ramping 0.8 → 1.2 at q = 0.01 (δ = 1e-5)
+    ramp10k     the same ramp over 10,000 distinct steps (ours only)
+    every step  ε after each of the ramp's first 200 steps (ours: one accountant, stepped)
 
 Ours run cold (caches cleared before each round). Every result stores its ε (or z) in the
 benchmark JSON's extra_info, and a table of times, time ratios against ours and ε against
@@ -21,6 +24,7 @@ import importlib
 import math
 import time
 
+import numpy as np
 import pytest
 
 from dp_attn.accounting import calibrate_noise_multiplier, make_accountant, prv, rdp
@@ -49,13 +53,17 @@ prv_accountant = optional("prv_accountant")
 SINGLE = ([(1.1, 256 / 60000, 100_000)], 1e-5)
 HETERO = ([(1.0, 0.01, 2000), (2.0, 0.02, 3000), (0.8, 0.005, 5000)], 1e-5)
 CALIBRATE = (3.0, 1e-5, 0.01, 10_000)  # target ε, δ, q, steps
-QUERIES = {"single": SINGLE, "hetero": HETERO}
+RAMP = ([(float(z), 0.01, 1) for z in np.linspace(0.8, 1.2, 1000)], 1e-5)
+RAMP10K = ([(float(z), 0.01, 1) for z in np.linspace(0.8, 1.2, 10_000)], 1e-5)
+QUERIES = {"single": SINGLE, "hetero": HETERO, "ramp": RAMP, "ramp10k": RAMP10K}
 RESULTS: dict[str, dict[str, tuple[float, float]]] = {}  # query -> provider -> (s, ε or z)
 
 
 def cold() -> None:
     prv._discretise.cache_clear()
-    prv._step_std.cache_clear()
+    prv._step_moments.cache_clear()
+    prv._step_log_mgf.cache_clear()
+    prv._step_range.cache_clear()
     rdp._rdp_of_regime.cache_clear()
 
 
@@ -152,8 +160,26 @@ def test_epsilon(benchmark, query, provider):
     history, delta = QUERIES[query]
     if provider == "prv-accountant" and len(history) > 1:
         pytest.skip("prv-accountant composes distinct regimes pairwise: minutes here")
+    if query == "ramp10k" and provider != "ours prv":
+        pytest.skip("10,000 distinct steps: ours only (the others take many minutes)")
+    if query == "ramp" and provider in ("dp-accounting pld", "opacus prv"):
+        rounds = 1  # over a minute each
     value, seconds = timed(benchmark, function, (history, delta), rounds)
     record(benchmark, query, provider, value, seconds, "epsilon")
+
+
+def ours_every_step(history, delta):
+    """ε after each of the first 200 steps, the engine's way: one accountant, stepped."""
+    acc = make_accountant("prv")
+    for z, q, _ in history[:200]:
+        acc.step(noise_multiplier=z, sample_rate=q)
+        epsilon = acc.epsilon(delta)
+    return epsilon
+
+
+def test_epsilon_every_step(benchmark):
+    value, seconds = timed(benchmark, ours_every_step, RAMP, 3)
+    record(benchmark, "ramp", "ours every step", value, seconds, "epsilon")
 
 
 def ours_calibration(name):

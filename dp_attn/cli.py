@@ -24,15 +24,33 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- accounting: epsilon, calibrate
 
 
+def _steps(text: str) -> int:
+    """--steps: an integer, also written as an integral float (1e4)."""
+    from dp_attn.accounting.schedule import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _add_epsilon_command(sub) -> None:
     p = sub.add_parser(
         "epsilon",
         help="the ε a DP-SGD run spends",
-        description="Upper bound on the ε of T Poisson-subsampled Gaussian steps at a given δ.",
+        description="Upper bound on the ε of T Poisson-subsampled Gaussian steps at a given δ, "
+        "or of a schedule of such runs read from a file.",
     )
-    p.add_argument("--noise-multiplier", type=float, required=True, metavar="Z")
-    p.add_argument("--sample-rate", type=float, required=True, metavar="Q")
-    p.add_argument("--steps", type=int, required=True, metavar="T")
+    p.add_argument("--noise-multiplier", type=float, metavar="Z",
+                   help="noise std / clipping norm, >= 0 (required without --schedule)")
+    p.add_argument("--sample-rate", type=float, metavar="Q",
+                   help="Poisson sampling rate in (0, 1] (required without --schedule)")
+    p.add_argument("--steps", type=_steps, metavar="T",
+                   help="number of steps, e.g. 10000 or 1e4 (required without --schedule)")
+    p.add_argument("--schedule", metavar="FILE",
+                   help="CSV or JSON (.json) rows of noise_multiplier, sample_rate, steps, "
+                   "composed in order, instead of --noise-multiplier/--sample-rate/--steps "
+                   "(default: none)")  # fmt: skip
     _add_common_accounting_options(p)
     p.set_defaults(run=_run_epsilon)
 
@@ -43,45 +61,65 @@ def _add_calibrate_command(sub) -> None:
         help="the noise multiplier for a target ε",
         description="Smallest noise multiplier (within 0.2%) whose T steps stay within ε.",
     )
-    p.add_argument("--epsilon", type=float, required=True, metavar="EPS", help="target ε")
-    p.add_argument("--sample-rate", type=float, required=True, metavar="Q")
-    p.add_argument("--steps", type=int, required=True, metavar="T")
+    p.add_argument("--epsilon", type=float, required=True, metavar="EPS",
+                   help="target ε, > 0 (required)")
+    p.add_argument("--sample-rate", type=float, required=True, metavar="Q",
+                   help="Poisson sampling rate in (0, 1] (required)")
+    p.add_argument("--steps", type=_steps, required=True, metavar="T",
+                   help="number of steps, e.g. 10000 or 1e4 (required)")  # fmt: skip
     _add_common_accounting_options(p)
     p.set_defaults(run=_run_calibrate)
 
 
 def _add_common_accounting_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--delta", type=float, required=True)
-    p.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--delta", type=float, required=True, help="target δ in (0, 1) (required)")
+    p.add_argument("--accountant", choices=("prv", "rdp"), default="prv",
+                   help="prv (tight) or rdp (a few %% looser) (default: %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (default: plain text)")  # fmt: skip
+
+
+# What a valid query can still run into: a bound that cannot be computed in float64.
+_NUMERICAL_ERRORS = (ArithmeticError, FloatingPointError)
 
 
 def _run_epsilon(args: argparse.Namespace) -> int:
-    from dp_attn.accounting import make_accountant
+    from dp_attn.accounting import Step, make_accountant, read_schedule
 
+    single = (args.noise_multiplier, args.sample_rate, args.steps)
     try:
+        if args.schedule is not None:
+            if any(v is not None for v in single):
+                raise ValueError("give --schedule or --noise-multiplier/--sample-rate/--steps")
+            schedule = read_schedule(args.schedule)
+        elif any(v is None for v in single):
+            raise ValueError("--noise-multiplier, --sample-rate and --steps are required "
+                             "(or --schedule FILE)")  # fmt: skip
+        else:
+            schedule = (Step(*single),) if args.steps else ()
         acc = make_accountant(args.accountant)
-        acc.step(
-            noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate, count=args.steps
-        )
+        acc.compose(schedule)
         epsilon = acc.epsilon(args.delta)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         return _usage_error("epsilon", error)
-    result = {
-        "epsilon": epsilon,
-        "delta": args.delta,
-        "noise_multiplier": args.noise_multiplier,
-        "sample_rate": args.sample_rate,
-        "steps": args.steps,
-        "accountant": args.accountant,
-    }
-    _report(
-        result,
-        args.json,
-        f"ε = {epsilon:.4f} at δ = {args.delta:g}\n"
-        f"({args.steps} steps, noise multiplier {args.noise_multiplier:g}, sample rate "
-        f"{args.sample_rate:g}; {args.accountant} accountant, an upper bound)",
-    )
+    except _NUMERICAL_ERRORS as error:
+        return _usage_error("epsilon", f"ε could not be computed for these values ({error})")
+    steps = sum(s.count for s in schedule)
+    result = {"epsilon": epsilon, "delta": args.delta}
+    if args.schedule is None:
+        result.update(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate)
+        what = (f"{steps} steps, noise multiplier {args.noise_multiplier:g}, sample rate "
+                f"{args.sample_rate:g}")  # fmt: skip
+    else:
+        result.update(schedule=args.schedule, runs=len(schedule))
+        what = f"{steps} steps in {len(schedule)} runs from {args.schedule}"
+    result.update(steps=steps, accountant=args.accountant)
+    text = (f"ε = {epsilon:.4f} at δ = {args.delta:g}\n"
+            f"({what}; {args.accountant} accountant, an upper bound)")  # fmt: skip
+    if epsilon == float("inf") and any(s.noise_multiplier == 0 for s in schedule):
+        text += ("\nε is infinite: a step with noise multiplier 0 adds no noise, so it "
+                 "releases its batch's gradient sum exactly")  # fmt: skip
+    _report(result, args.json, text)
     return 0
 
 
@@ -97,6 +135,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         epsilon = acc.epsilon(args.delta)
     except ValueError as error:
         return _usage_error("calibrate", error)
+    except _NUMERICAL_ERRORS as error:
+        return _usage_error("calibrate", f"could not calibrate for these values ({error})")
     result = {
         "noise_multiplier": z,
         "epsilon": epsilon,
@@ -139,7 +179,8 @@ def _add_demo_command(sub) -> None:
         help="train a small vision transformer with DP on handwritten digits",
         description="Train a small vision transformer on scikit-learn's 8×8 handwritten digits "
         "with DP-SGD at (ε, 1e-5) and without privacy; print test accuracy and ε each epoch "
-        "and save a plot. Needs the demo extra: pip install \"dp-attn[demo]\".",
+        "and save a plot. Needs scikit-learn, matplotlib and tqdm: "
+        "pip install -e \".[demo]\" in the dp_attn clone.",
     )
     p.add_argument("--epsilon", type=float, default=3.0, help="target ε (default 3)")
     p.add_argument("--epochs", type=int, default=None, help="default 40 (1 with --quick)")

@@ -13,6 +13,7 @@ from dp_attn.accounting.calibration import calibrate_noise_multiplier, calibrate
 from dp_attn.accounting.prv import PRVAccountant
 from dp_attn.accounting.rdp import RDPAccountant
 from dp_attn.accounting.registry import make_accountant
+from dp_attn.accounting.schedule import read_schedule
 from dp_attn.accounting.steps import Step
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "calibrate_noise_multiplier",
     "calibrate_steps",
     "make_accountant",
+    "read_schedule",
 ]

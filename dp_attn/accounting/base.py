@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from dp_attn.accounting.steps import (
@@ -45,6 +46,13 @@ class Accountant(ABC):
             step = Step(z, q, count)
             self._history = append_step(self._history, step)
             self._record(step)
+
+    def compose(self, steps: Iterable[Step]) -> None:
+        """Record each `Step` of a schedule in order (e.g. from `read_schedule`)."""
+        for s in steps:
+            if not isinstance(s, Step):
+                raise TypeError(f"compose takes Step records, got {type(s).__name__}")
+            self.step(noise_multiplier=s.noise_multiplier, sample_rate=s.sample_rate, count=s.count)
 
     def epsilon(self, delta: float) -> float:
         """The smallest ε this accountant can prove for the given δ, in (0, 1)."""

@@ -64,7 +64,9 @@ def _log_a_fractional(q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
     integrate the binomial expansion over (-∞, z0] and [z0, ∞). C(α, i) changes sign for
     i > α, so positive and negative terms are summed apart in log space. Terms are taken in
     blocks of doubling length; an order is done once its last terms are decreasing and
-    e^-30 below its total (slow decay, i^-(α+2), happens for large q and σ).
+    e^-30 below its total (slow decay, i^-(α+2), happens for large q and σ). An order whose
+    series has not converged after `_MAX_SERIES_TERMS` terms gets log A_α = +∞ (no bound);
+    the other orders still bound ε.
     """
     z0 = sigma**2 * (math.log1p(-q) - math.log(q)) + 0.5
     log_a = np.empty_like(orders)
@@ -74,9 +76,8 @@ def _log_a_fractional(q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
     start, block = 0, 64
     while active.size:
         if start >= _MAX_SERIES_TERMS:
-            raise ArithmeticError(
-                f"RDP series did not converge for noise_multiplier={sigma}, sample_rate={q}"
-            )
+            log_a[active] = np.inf
+            break
         alpha = orders[active, None]
         i = np.arange(start, start + block, dtype=np.float64)[None, :]
         j = alpha - i

@@ -7,7 +7,7 @@ import numbers
 from dataclasses import dataclass
 
 
-def _real(name: str, value) -> float:
+def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -16,7 +16,7 @@ def _real(name: str, value) -> float:
     return value
 
 
-def check_noise_multiplier(value) -> float:
+def check_noise_multiplier(value: object) -> float:
     """z >= 0 and finite; z = 0 (no noise) is legal and gives ε = ∞."""
     value = _real("noise_multiplier", value)
     if not 0.0 <= value < math.inf:
@@ -24,7 +24,7 @@ def check_noise_multiplier(value) -> float:
     return value
 
 
-def check_sample_rate(value) -> float:
+def check_sample_rate(value: object) -> float:
     """q in (0, 1]: each example is in a step's batch independently with probability q."""
     value = _real("sample_rate", value)
     if not 0.0 < value <= 1.0:
@@ -32,7 +32,7 @@ def check_sample_rate(value) -> float:
     return value
 
 
-def check_count(value, name: str = "count") -> int:
+def check_count(value: object, name: str = "count") -> int:
     """A number of steps: an integer >= 0 (floats such as 3.0 are refused, not rounded)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -41,14 +41,14 @@ def check_count(value, name: str = "count") -> int:
     return int(value)
 
 
-def check_delta(value) -> float:
+def check_delta(value: object) -> float:
     value = _real("delta", value)
     if not 0.0 < value < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {value}")
     return value
 
 
-def check_epsilon(value, name: str = "epsilon") -> float:
+def check_epsilon(value: object, name: str = "epsilon") -> float:
     value = _real(name, value)
     if not 0.0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")

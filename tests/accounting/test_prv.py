@@ -159,3 +159,50 @@ def test_delta_of_epsilon_is_the_matching_upper_bound():
     assert acc.delta(eps) == pytest.approx(1e-5, rel=1e-3)
     assert acc.delta(eps * 1.02) < 1e-5 < acc.delta(eps * 0.98)
     assert acc.delta(0.0) > acc.delta(1.0) > acc.delta(3.0)
+
+
+def test_distinct_full_batch_steps_against_the_exact_gaussian():
+    """q = 1 steps of different σ compose to one Gaussian of 1/sqrt(Σ 1/σ²)."""
+    sigmas = np.linspace(3.0, 6.0, 40)
+    exact = gaussian_epsilon(math.sqrt(float(np.sum(sigmas**-2.0))), 1e-5)
+    prv, rdp = epsilons([(float(s), 1.0, 1) for s in sigmas], 1e-5)
+    assert exact <= prv <= exact * (1 + 1e-3) <= rdp
+
+
+RAMP = [(float(z), 0.01, 1) for z in np.linspace(0.8, 1.2, 60)]
+
+
+def test_a_noise_schedule_of_distinct_steps_against_dp_accounting_pld():
+    ramp = [(float(z), 0.1, 1) for z in np.linspace(0.8, 1.2, 12)]
+    pld = pld_epsilon(ramp, 1e-5)
+    mine, rdp = epsilons(ramp, 1e-5)
+    assert pld * (1 - PLD_ERROR) <= mine <= pld * 1.01
+    assert mine <= rdp
+
+
+def test_epsilon_after_every_step_matches_a_fresh_accountant():
+    """The composition kept between queries (and rebuilt as the history outgrows it) gives
+    what a fresh accountant gives, for changing and repeated regimes alike."""
+    schedule = RAMP[:30] + [(1.0, 0.02, 1)] * 30
+    running = PRVAccountant()
+    for i, (z, q, _) in enumerate(schedule):
+        running.step(noise_multiplier=z, sample_rate=q)
+        if i % 7 == 0 or i == len(schedule) - 1:
+            fresh = PRVAccountant()
+            fresh.compose(running.history)
+            assert running.epsilon(1e-5) == pytest.approx(fresh.epsilon(1e-5), rel=1e-4)
+        else:
+            running.epsilon(1e-5)
+    # A smaller δ than the composition was built for, then δ(ε), still agree.
+    fresh = PRVAccountant()
+    fresh.compose(running.history)
+    assert running.epsilon(1e-8) == pytest.approx(fresh.epsilon(1e-8), rel=1e-4)
+    assert running.delta(1.0) == pytest.approx(fresh.delta(1.0), rel=1e-3)
+
+
+def test_huge_noise_gives_a_tiny_epsilon_not_an_error():
+    """σ = 1e5 at q = 0.5: the fractional-order RDP series cannot converge in float64 terms;
+    those orders are dropped, the PRV bound matches dp-accounting's PLD."""
+    mine, rdp = epsilons([(1e5, 0.5, 1000)], 1e-5)
+    assert 0 < mine <= rdp < 0.01
+    assert mine == pytest.approx(1.8042e-4, rel=1e-3)  # dp-accounting PLD at interval 1e-7

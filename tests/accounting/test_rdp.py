@@ -119,3 +119,11 @@ def test_conversion_edge_cases():
     assert delta_from_rdp(orders, np.full_like(orders, np.inf), 3.0) == 1.0
     with pytest.raises(ValueError, match="orders"):
         rdp_poisson_gaussian(1.0, 0.1, np.array([0.5, 2.0]))
+
+
+def test_orders_whose_series_does_not_converge_are_dropped_not_raised():
+    rdp = rdp_poisson_gaussian(1e5, 0.5)
+    fractional = ORDERS != np.round(ORDERS)
+    assert np.isinf(rdp[fractional]).any()  # α = 1.01 needs ~e^15 terms
+    assert np.isfinite(rdp[~fractional]).all()
+    assert 0 < epsilon_from_rdp(ORDERS, 1000 * rdp, 1e-5) < 0.01
