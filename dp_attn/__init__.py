@@ -19,12 +19,16 @@ __all__ = [
     "add_gaussian_noise_",
     "block_clip_num_groups",
     "block_clipped_grad_sum",
+    "clip_factors",
     "clipped_grad_sum",
     "embedding_clipped_grad_sum",
+    "embedding_grad_norm_bounds",
     "embedding_grad_sq_norms",
     "flash_attention",
     "norm_affine_clipped_grad_sum",
+    "norm_affine_grad_norm_bounds",
     "norm_affine_grad_sq_norms",
+    "per_example_grad_norm_bounds",
     "per_example_grad_sq_norms",
 ]
 

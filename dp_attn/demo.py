@@ -34,7 +34,10 @@ DELTA = 1e-5
 PATCH = 4  # pixels per patch side
 TOKENS = (8 // PATCH) ** 2  # patches of an 8×8 image
 TEST_FRACTION = 0.2
-INSTALL_HINT = 'pip install "dp-attn[demo]"  (or: pip install scikit-learn matplotlib tqdm)'
+# dp-attn is installed from a clone (it is not on the package index).
+INSTALL_HINT = (
+    'pip install scikit-learn matplotlib tqdm  (or, in the dp_attn clone: pip install -e ".[demo]")'
+)
 
 
 @dataclass(frozen=True)

@@ -41,18 +41,16 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
-from torch.utils.data.dataloader import default_collate
 
 from . import functional as DF
 from .engine import (
     _CONVERSIONS,
-    DPOptimizer,
     PoissonBatchSampler,
     PoissonDataLoader,
     PrivacyEngine,
-    _EmptyBatchCollate,
     _is_int,
     _refuse_outside_gradient,
+    _StepCheckedLoader,
 )
 from .kernels.reference import secure_noise_grid, snap_to_grid
 
@@ -89,7 +87,7 @@ class DistributedPoissonBatchSampler(PoissonBatchSampler):
             yield [self.rank + self.world_size * i for i in local]
 
 
-class DistributedPoissonDataLoader(DataLoader):
+class DistributedPoissonDataLoader(_StepCheckedLoader):
     """A DataLoader over this rank's Poisson batches of the whole `dataset` (see
     DistributedPoissonBatchSampler); `steps` batches per epoch on every rank. Empty batches
     are tensors with zero rows. rank and world_size default to those of the default process
@@ -106,9 +104,7 @@ class DistributedPoissonDataLoader(DataLoader):
             len(dataset), sample_rate, steps, rank=rank, world_size=world_size,
             generator=generator,
         )
-        collate = _EmptyBatchCollate(dataset, collate_fn or default_collate)
-        super().__init__(dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
-        self.sample_rate = sampler.sample_rate
+        super().__init__(dataset, sampler, collate_fn, **kwargs)
 
 
 class DistributedPrivacyEngine(PrivacyEngine):
@@ -129,15 +125,22 @@ class DistributedPrivacyEngine(PrivacyEngine):
         optimizer: torch.optim.Optimizer,
         data_loader: DataLoader,
         noise_multiplier: float,
-        max_grad_norm: float | Mapping[str, float],
+        max_grad_norm: float | Mapping[str, float] | list[float],
         clipping: str = "flat",
         loss_reduction: str = "mean",
         target_epsilon: float | None = None,
         target_delta: float | None = None,
         generator: torch.Generator | None = None,
-        secure_mode: bool = True,
-    ) -> tuple[nn.Module, DPOptimizer, DistributedPoissonDataLoader]:
-        """PrivacyEngine.make_private for one rank; returns (module, optimizer, data_loader).
+        secure_mode: bool | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        batch_first: bool = True,
+        poisson_sampling: bool = True,
+        grad_sample_mode: str = "hooks",
+        criterion: nn.Module | None = None,
+        noise_generator: None = None,
+    ) -> tuple:
+        """PrivacyEngine.make_private for one rank; returns (module, optimizer, data_loader)
+        (with the criterion before data_loader for a "ghost" grad_sample_mode).
 
         module: a model replica, a DistributedDataParallel around one (its inner module is
             converted; its gradient all-reduce is switched off), or a model sharded with
@@ -166,24 +169,28 @@ class DistributedPrivacyEngine(PrivacyEngine):
         else:
             wrapper, inner = None, module
             group = _fsdp2_group(module) if fsdp_modules else dist.group.WORLD
-        inner, optimizer, loader = super().make_private(
+        inner, optimizer, *criterion, loader = super().make_private(
             module=inner, optimizer=optimizer, data_loader=data_loader,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, clipping=clipping,
             loss_reduction=loss_reduction, target_epsilon=target_epsilon,
-            target_delta=target_delta, secure_mode=secure_mode,
+            target_delta=target_delta, secure_mode=secure_mode, grad_scaler=grad_scaler,
+            batch_first=batch_first, poisson_sampling=poisson_sampling,
+            grad_sample_mode=grad_sample_mode, criterion=criterion,
+            noise_generator=noise_generator,
         )
         self._group = group
         self._world_size = dist.get_world_size(group)
         if fsdp_modules:
             self._register_unsharded_params(inner, fsdp_modules)
         loader = _distributed_loader(loader, dist.get_rank(group), self._world_size, generator)
+        loader._step_tracker = self._clipper
         if wrapper is None:
-            return inner, optimizer, loader
+            return inner, optimizer, *criterion, loader
         # DDP would all-reduce .grad after backward; the DP layers produce none (the engine
         # releases the noised sum in step), so its reducer must not wait for them.
         wrapper.require_backward_grad_sync = False
         self.module = wrapper
-        return wrapper, optimizer, loader
+        return wrapper, optimizer, *criterion, loader
 
     def _register_unsharded_params(self, inner: nn.Module, fsdp_modules) -> None:
         """FSDP2 runs each layer with an unsharded Parameter (created at the first all-gather,
@@ -213,8 +220,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         the global clipped sums plus N(0, std²), the same on every rank.
 
         secure_mode rounds the reduced sum, never a share: the sum of rounded messages is not a
-        function of the noised sum, only of W messages that each carry std/√W of noise. The
-        shares need no two-normal sums: the sum of W >= 2 of them reaches √W·5.68 std."""
+        function of the noised sum, only of W messages that each carry std/√W of noise."""
         if self._world_size == 1:
             super()._add_noise(grads, std)
             return

@@ -7,16 +7,22 @@
     ...  # the usual loop: zero_grad, forward, loss.backward(), optimizer.step()
     engine.get_epsilon(1e-5)
 
-What happens in one logical step (DESIGN.md §1):
-- the loader draws the batch by Poisson sampling at rate q = batch_size / N (sizes vary, an
-  empty batch is a batch with zero rows);
+What happens in one logical step (docs/design.md §5):
+- the loader draws the batch by Poisson sampling at rate q = batch_size / N, exactly (sizes
+  vary, an empty batch is a batch with zero rows), and tells the clipper its size: the step's
+  backward passes may clip at most that many examples, and the next batch waits for the step;
+- modules that mix examples (BatchNorm, running statistics) are refused at make_private, and
+  a buffer changed in a training forward raises there;
 - in each backward pass the DP layers hand their activations and output gradients to the
   engine's clipper, which forms clipped per-example sums (noise-free) into one fp32
   accumulator per parameter: "flat" once the pass ends (a callback queued on the autograd
   engine), "per-layer" and "block" inside each layer's backward. The accumulators are views
   of one flat buffer covering every private parameter. Several backward passes
   (micro-batches of one Poisson batch) add into the same buffer;
-- optimizer.step() checks the budget, records the step with the accountant, adds
+- any failure in a backward pass poisons the step: step() and further backward passes raise
+  until zero_grad(), so a partial sum is never released;
+- optimizer.step() refuses a poisoned or misused step, checks the budget, records the step
+  with the accountant (a release that then fails is counted in stats.unreleased_steps), adds
   N(0, (z·C_tot)²) to every coordinate of the buffer in one call with a fresh CSPRNG key
   (noise is added once per logical step, never in the backward passes: simple and correct
   under accumulation, at the cost of one pass over the buffer), divides by the expected batch
@@ -30,17 +36,29 @@ import copy
 import math
 import secrets
 import warnings
+import weakref
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 from torch.utils.data.dataloader import default_collate
 
 from . import functional as DF
 from . import integrations
 from .accounting import PrivacyBudget, calibrate_noise_multiplier, make_accountant
+from .kernels.norm_bounds import RELEASE_ROUNDING
+from .kernels.utils import FLOAT_DTYPES
 from .nn import (
     DPConv1D,
     DPEmbedding,
@@ -50,12 +68,18 @@ from .nn import (
     DPRMSNorm,
     _check_attention,
     _check_embedding,
+    group_sq_bounds,
 )
 
 __all__ = ["DPOptimizer", "PoissonBatchSampler", "PoissonDataLoader", "PrivacyEngine"]
 
 CLIPPING_STYLES = ("flat", "per-layer", "block")
+CLIPPING_ALIASES = {"per_layer": "per-layer"}  # Opacus' spelling
 LOSS_REDUCTIONS = ("mean", "sum")
+# Opacus' ways of computing per-sample gradients: dp_attn's DP layers always use their own
+# kernels, so each is accepted and means the same here ("no_op", where the user computes
+# p.grad_sample, is refused in make_private); the "ghost" ones return a criterion too.
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost", "ghost_fsdp", "ghost_tp")
 _DP_LAYERS = (DPLinear, DPConv1D, DPLayerNorm, DPRMSNorm, DPEmbedding, DPMultiheadAttention)
 _CONVERSIONS = {
     nn.Linear: DPLinear,
@@ -73,11 +97,15 @@ _CONVERSIONS = {
 @dataclass
 class PrivacyStats:
     """What the engine has done: optimizer steps, examples that went through a backward pass,
-    and examples whose per-example gradient norm was not finite (they contributed zero)."""
+    examples whose per-example gradient norm was not finite (they contributed zero), and
+    steps that were accounted but not released (their release raised)."""
 
     steps: int = 0
     examples: int = 0
     nonfinite_examples: int = 0
+    # steps the accountant recorded whose release then failed (the noise draw raised, ...):
+    # counted in ε, no gradient released
+    unreleased_steps: int = 0
 
 
 # ---------------------------------------------------------------- clipping (backward side)
@@ -105,10 +133,20 @@ class _Clipper:
     `record(owner, pieces)` is called from a DP layer's backward with the per-example material
     of one privacy group (see dp_attn.nn). Clipped sums go into one flat fp32 buffer (a slice
     per private parameter) until optimizer.step() takes it.
+
+    It also keeps the step's misuse checks (docs/design.md §1, one logical step, one Poisson
+    batch): the size of the batch the engine's loader delivered for the step, the examples
+    clipped in it, and whether the step is poisoned (a failure after which the buffer may hold
+    part of a pass: nothing is released until zero_grad()).
     """
 
-    def __init__(self, style, loss_reduction, max_grad_norm, thresholds, stats, params):
+    def __init__(self, style, loss_reduction, max_grad_norm, thresholds, stats, params,
+                 tied_groups):  # fmt: skip
         self.style = style
+        # {DP layer: its group's key} for the layers of tied embeddings (embedding and head)
+        self.tied_groups = tied_groups
+        # (examples, tokens) of this forward's batched embedding, for 1-D position ids
+        self.forward_tokens: tuple[int, int] | None = None
         self.mean = loss_reduction == "mean"
         self.max_grad_norm = max_grad_norm  # flat: C; block: C/√K for every group
         self.thresholds = thresholds  # per-layer: {owner module: C_k}
@@ -121,6 +159,13 @@ class _Clipper:
         self.size = offset
         self.buffer: torch.Tensor | None = None
         self._nonfinite = None  # device tensor: examples counted but not yet read
+        self.delivered: int | None = None  # size of the loader's batch for this step
+        self.loader_in_use = False  # the engine's loader has delivered a batch
+        self.step_examples = 0  # examples that entered a backward pass in this step
+        self.poisoned: str | None = None  # why this step's buffer must not be released
+        self._warned_unchecked = False
+        self.grad_scaler = None  # make_private(grad_scaler=): backward passes see S·loss
+        self._pass_loss_scale = 1.0  # the scaler's S when the pass began
         self._end_pass()
 
     # ---- one backward pass
@@ -130,19 +175,25 @@ class _Clipper:
     # this function (docs/supported.md).
     @torch.compiler.disable
     def record(self, owner: nn.Module, pieces) -> None:
-        batch = pieces[0].batch_size
-        self._begin(owner, batch, pieces[0])
-        if batch == 0:
-            return
-        with _oom_points_to_micro_batches(batch):
-            self._record(owner, pieces, batch)
+        try:
+            batch = pieces[0].batch_size
+            self._begin(owner, batch, pieces[0])
+            if batch == 0:
+                return
+            with _oom_points_to_micro_batches(batch):
+                self._record(owner, pieces, batch)
+        except BaseException as err:
+            # some layers' sums may already be in the buffer: a retry would add them twice
+            self.poison(f"a backward pass raised while clipping ({type(err).__name__})")
+            raise
 
     def _record(self, owner: nn.Module, pieces, batch: int) -> None:
-        scale = float(batch) if self.mean else 1.0  # undo the loss's 1/B: true per-example grads
-        if self.style == "flat":
-            sq = sum(p.sq_norms() for p in pieces)
-            self._sq = sq if self._sq is None else self._sq + sq
-            self._kept.append(pieces)
+        scale = self._to_true_gradients(batch)
+        if owner in self.tied_groups:
+            # A tied embedding and head are one group, clipped once both uses are in.
+            self._tied.setdefault(self.tied_groups[owner], []).extend(pieces)
+        elif self.style == "flat":
+            self._add_flat(pieces, group_sq_bounds(pieces))
         elif self.style == "per-layer":
             if owner not in self.thresholds:
                 raise RuntimeError(
@@ -162,9 +213,35 @@ class _Clipper:
                 self._clip_group(small, self.max_grad_norm, scale)
 
     def _begin(self, owner, batch, piece) -> None:
+        if self._pass_open and self._pass_alive() is None:
+            # The autograd engine holds a pass's end-of-pass callback until that backward
+            # ends, successfully or not: dead with the pass still open means the backward
+            # failed after some layers were clipped, and this is a new one (a retry). A live
+            # callback with a different backward is a nested one (reentrant checkpointing)
+            # inside the pass, which belongs to it; so a graph task id cannot tell them apart.
+            raise RuntimeError(
+                "loss.backward() was called again after a backward pass failed part-way: the "
+                "failed pass's clipped gradients are still held. Call optimizer.zero_grad() "
+                "before retrying"
+            )
         if not self._pass_open:
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+            if self.poisoned is not None:
+                raise RuntimeError(
+                    f"loss.backward() refused: {self.poisoned}, and this step's clipped "
+                    "gradients may be incomplete. Call optimizer.zero_grad() before retrying"
+                )
+            self._check_batch_fits(batch)
+
+            def end_of_pass():
+                self._end_pass()
+
+            torch.autograd.Variable._execution_engine.queue_callback(end_of_pass)
+            self._pass_alive = weakref.ref(end_of_pass)
+            self.step_examples += batch
             self._pass_open, self._pass_batch = True, batch
+            # One read (a device sync) per pass: the scale only changes in scaler.update().
+            scaler = self.grad_scaler
+            self._pass_loss_scale = 1.0 if scaler is None else float(scaler.get_scale())
             device = (piece.g if hasattr(piece, "g") else piece.ids).device
             self._pass_nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
         elif batch != self._pass_batch:
@@ -184,7 +261,14 @@ class _Clipper:
         """End of a backward pass (autograd callback): flat clipping, counters, reset."""
         try:
             if getattr(self, "_pass_open", False) and self._pass_batch:
-                scale = float(self._pass_batch) if self.mean else 1.0
+                scale = self._to_true_gradients(self._pass_batch)
+                for group, pieces in self._tied.items():
+                    if self.style == "flat":
+                        self._add_flat(pieces, group_sq_bounds(pieces))
+                    else:
+                        threshold = self.thresholds[group] if self.style == "per-layer" else (
+                            self.max_grad_norm)  # fmt: skip
+                        self._clip_group(pieces, threshold, scale)
                 if self._kept:
                     with _oom_points_to_micro_batches(self._pass_batch):
                         factors = self._factors(self._sq, self.max_grad_norm, scale)
@@ -194,23 +278,41 @@ class _Clipper:
                 self.stats.examples += self._pass_batch
                 count = self._pass_nonfinite.sum()
                 self._nonfinite = count if self._nonfinite is None else self._nonfinite + count
+        except BaseException as err:
+            # the layers summed before the failure are in the buffer, the others are not
+            self.poison(f"the end of a backward pass raised while clipping ({type(err).__name__})")
+            raise
         finally:
             self._pass_open, self._pass_batch, self._pass_owners = False, 0, set()
-            self._sq, self._kept, self._pass_nonfinite = None, [], None
+            self._sq, self._kept, self._pass_nonfinite, self._tied = None, [], None, {}
+
+    def _add_flat(self, pieces, sq_bounds) -> None:
+        """Flat clipping: keep the pieces and add their bounds to the pass's total."""
+        self._sq = sq_bounds if self._sq is None else tuple(map(torch.add, self._sq, sq_bounds))
+        self._kept.append(pieces)
+
+    def _to_true_gradients(self, batch: int) -> float:
+        """What turns the pass's raw per-example material into true per-example gradients:
+        B undoes a mean loss's 1/B, 1/S a GradScaler's scale. Clip factors and released sums
+        are computed on raw·this, so the clip bound holds whatever its value (a wrong S costs
+        utility, never privacy)."""
+        return (float(batch) if self.mean else 1.0) / self._pass_loss_scale
 
     def _clip_group(self, pieces, threshold: float, scale: float) -> None:
-        factors = self._factors(sum(p.sq_norms() for p in pieces), threshold, scale)
+        factors = self._factors(group_sq_bounds(pieces), threshold, scale)
         for piece in pieces:
             self._add(piece.clipped_sums(factors))
 
-    def _factors(self, sq_norms, threshold: float, scale: float) -> torch.Tensor:
-        """Factors for the raw (loss-scaled) gradients: scale·min(1, C / (n + 1e-6)) with n the
-        true per-example norm, and 0 where n is not finite."""
-        norms = sq_norms.sqrt() * scale
+    def _factors(self, sq_bounds, threshold: float, scale: float) -> torch.Tensor:
+        """fp32 factors for the raw (loss-scaled) gradients: scale·clip_factors(N, E, C) from the
+        certified bounds (float64, rounding included: kernels/norm_bounds.py) of the group's
+        per-example norm N and release rounding E, so that each released contribution is at
+        most C·(1 + RELEASE_ROUNDING); 0 where N is not finite (a or g held inf or NaN)."""
+        norms, errors = (x.sqrt() * scale for x in sq_bounds)
         finite = torch.isfinite(norms)
         self._pass_nonfinite |= ~finite
-        factors = torch.clamp(threshold / (norms + 1e-6), max=1.0)
-        return torch.where(finite, factors, 0.0) * scale
+        factors = DF.clip_factors(norms, errors, threshold)
+        return (torch.where(finite, factors, 0.0) * scale).float()
 
     def _add(self, sums) -> None:
         for param, rows, value in sums:
@@ -229,6 +331,76 @@ class _Clipper:
                 acc[rows] += value
 
     # ---- one logical step
+    def poison(self, reason: str) -> None:
+        """Refuse to release this step until zero_grad() (the first reason is kept)."""
+        if self.poisoned is None:
+            self.poisoned = reason
+
+    def batch_delivered(self, size: int) -> None:
+        """The engine's loader is handing out the batch of the next step."""
+        if self.step_examples:
+            raise RuntimeError(
+                "the data loader was asked for its next batch while this step already holds "
+                f"the clipped gradients of {self.step_examples} examples: call "
+                "optimizer.step() (or optimizer.zero_grad() to discard them) before drawing "
+                "the next batch. Each Poisson batch is one step; to accumulate gradients, split "
+                "one batch into micro-batches (forward and backward on slices of it) and call "
+                "optimizer.step() once"
+            )
+        self.delivered, self.loader_in_use = size, True
+
+    def _check_batch_fits(self, batch: int) -> None:
+        """A new backward pass of `batch` examples: within the batch the loader delivered."""
+        if self.delivered is None:
+            if self.loader_in_use and batch:
+                raise RuntimeError(
+                    f"a backward pass over {batch} examples in a step for which the data loader "
+                    "returned by make_private delivered no batch (the last one was already "
+                    "stepped): draw each step's batch from that loader"
+                )
+        elif self.step_examples + batch > self.delivered:
+            raise RuntimeError(
+                f"this backward pass clips {batch} examples on top of the {self.step_examples} "
+                "already clipped in this step: more than the data loader's batch for this step "
+                f"({self.delivered} examples). Each example of a Poisson batch goes through one "
+                "backward pass per step: micro-batches must be disjoint slices of the batch. "
+                "Call optimizer.step() before the next batch, or optimizer.zero_grad() to "
+                "discard this step's gradients"
+            )
+
+    def check_releasable(self) -> None:
+        """Raise (before anything is accounted) if this step's buffer must not be released."""
+        if self.poisoned is not None:
+            raise RuntimeError(
+                f"optimizer.step() refused: {self.poisoned}, so this step's clipped gradients "
+                "may be incomplete or counted twice. Call optimizer.zero_grad() to discard them, "
+                "then redo the step's forward and backward passes"
+            )
+        if self._pass_open:
+            raise RuntimeError(
+                "optimizer.step() was called before the backward pass finished (if a backward "
+                "pass raised, call optimizer.zero_grad() to discard its partial gradients)"
+            )
+        if self.delivered and not self.step_examples:
+            raise RuntimeError(
+                f"optimizer.step() was called without a backward pass over the {self.delivered} "
+                "examples of the data loader's batch: call loss.backward() first (an empty "
+                "batch may be stepped without one)"
+            )
+        if self.delivered is None and self.step_examples and not self._warned_unchecked:
+            self._warned_unchecked = True
+            warnings.warn(
+                "this step's examples were not drawn from the data loader make_private "
+                "returned, so the engine cannot check them against its Poisson sampling (one "
+                "batch per step, each example in one backward pass per step); ε holds only if "
+                "every step's batch is such a Poisson sample",
+                stacklevel=4,
+            )
+
+    def end_step(self) -> None:
+        """The step was accounted: its batch is used up."""
+        self.delivered, self.step_examples = None, 0
+
     @property
     def pass_open(self) -> bool:
         return self._pass_open
@@ -239,7 +411,8 @@ class _Clipper:
         return buffer
 
     def clear(self) -> None:
-        self.buffer = None
+        """zero_grad(): discard the step's clipped gradients (its batch stays the step's)."""
+        self.buffer, self.step_examples, self.poisoned = None, 0, None
         self._pass_open = False
         self._end_pass()
 
@@ -251,10 +424,55 @@ class _Clipper:
 # ---------------------------------------------------------------- Poisson sampling
 
 
+WORD_BITS = 32  # the inclusion test compares uniform words of this many bits
+
+
+def rate_words(sample_rate: float) -> list[int]:
+    """The binary expansion of `sample_rate` (a double, so a dyadic rational) in WORD_BITS-bit
+    words: sample_rate = Σ_j words[j] · 2^(-WORD_BITS·(j+1)) exactly. 1 is [2^WORD_BITS]."""
+    rate = Fraction(sample_rate)
+    digits = 1
+    while (rate * 2 ** (WORD_BITS * digits)).denominator != 1:
+        digits += 1
+    value = int(rate * 2 ** (WORD_BITS * digits))
+    mask = (1 << WORD_BITS) - 1
+    words = [(value >> (WORD_BITS * (digits - 1 - j))) & mask for j in range(digits)]
+    if value >> (WORD_BITS * digits):  # rate = 1: its only digit is above the point
+        words[0] = 1 << WORD_BITS
+    return words
+
+
+def _uniform_words(count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` independent uniform WORD_BITS-bit integers (int64): torch draws a range of
+    2^32 from 64 random bits modulo 2^32, exactly uniform."""
+    return torch.randint(0, 2**WORD_BITS, (count,), generator=generator, dtype=torch.int64)
+
+
+def poisson_mask(num_samples: int, words: list[int], generator: torch.Generator) -> torch.Tensor:
+    """Which of `num_samples` examples join the batch, each independently with probability
+    q = Σ_j words[j]·2^(-32(j+1)) (rate_words(q)) exactly.
+
+    Example i includes itself iff a uniform U_i in [0, 1) is < q. U_i's binary digits are drawn
+    lazily, 32 at a time, and compared with q's: a word below q's word includes, above
+    excludes, equal stays undecided for the next word (probability 2^-32 per word); when q's
+    expansion ends, the undecided have U_i >= q and are excluded. So P(include) = q to the last
+    bit of the double, whereas float32 `rand() < q` rounds q to a multiple of 2^-24."""
+    included = torch.zeros(num_samples, dtype=torch.bool)
+    undecided = torch.arange(num_samples)
+    for word in words:
+        if not len(undecided):
+            break
+        drawn = _uniform_words(len(undecided), generator)
+        included[undecided[drawn < word]] = True
+        undecided = undecided[drawn == word]
+    return included
+
+
 class PoissonBatchSampler(Sampler):
     """Batches of dataset indices drawn by Poisson sampling: each of the `num_samples` examples
-    joins each batch independently with probability `sample_rate`. Batch sizes vary and may
-    be 0. `steps` batches per pass over the sampler ("epoch").
+    joins each batch independently with probability `sample_rate`, exactly (the double's
+    value, see poisson_mask). Batch sizes vary and may be 0. `steps` batches per pass over the
+    sampler ("epoch").
 
     The inclusion draws come from a torch.Generator seeded from the operating system's CSPRNG
     at each epoch; `generator=` fixes them (tests only)."""
@@ -268,17 +486,23 @@ class PoissonBatchSampler(Sampler):
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         self.num_samples, self.sample_rate, self.steps = num_samples, float(sample_rate), steps
         self.generator = generator
+        self._words = rate_words(self.sample_rate)
+        # set by the loader for each pass over it: the size of every batch yielded, in order
+        self.yielded_sizes: deque[int] | None = None
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self):
+        sizes = self.yielded_sizes
         generator = self.generator
         if generator is None:
             generator = torch.Generator().manual_seed(secrets.randbits(63))
         for _ in range(self.steps):
-            chosen = torch.rand(self.num_samples, generator=generator) < self.sample_rate
-            yield chosen.nonzero().flatten().tolist()
+            batch = poisson_mask(self.num_samples, self._words, generator).nonzero().flatten()
+            if sizes is not None:
+                sizes.append(len(batch))
+            yield batch.tolist()
 
 
 class _EmptyBatchCollate:
@@ -310,7 +534,35 @@ def _zero_rows(batch):
     )
 
 
-class PoissonDataLoader(DataLoader):
+class _StepCheckedLoader(DataLoader):
+    """A DataLoader over a PoissonBatchSampler that tells the engine it serves (once
+    make_private returned it) the size of each batch it hands out, so that a step's backward
+    passes can be checked against the step's batch."""
+
+    def __init__(self, dataset, batch_sampler: PoissonBatchSampler, collate_fn, **kwargs):
+        if kwargs.get("in_order") is False:
+            raise ValueError(
+                "in_order=False is not supported: the engine matches each batch with its "
+                "Poisson draw in order"
+            )
+        collate = _EmptyBatchCollate(dataset, collate_fn or default_collate)
+        super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=collate, **kwargs)
+        self.sample_rate = batch_sampler.sample_rate
+        self._step_tracker: _Clipper | None = None
+
+    def __iter__(self):
+        # The sampler runs ahead of the batches yielded when workers prefetch, but both go in
+        # order: the sizes it appends are popped here one per batch.
+        sizes = deque()
+        self.batch_sampler.yielded_sizes = sizes
+        for batch in super().__iter__():
+            size = sizes.popleft()
+            if self._step_tracker is not None:
+                self._step_tracker.batch_delivered(size)
+            yield batch
+
+
+class PoissonDataLoader(_StepCheckedLoader):
     """A DataLoader whose batches are Poisson samples at rate `sample_rate` (see
     PoissonBatchSampler); `steps` batches per epoch (default round(1 / sample_rate)).
     Empty batches are yielded as tensors with zero rows. Other keyword arguments go to
@@ -323,9 +575,7 @@ class PoissonDataLoader(DataLoader):
         if steps is None:
             steps = max(1, round(1.0 / sample_rate)) if sample_rate > 0 else 1
         sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator=generator)
-        collate = _EmptyBatchCollate(dataset, collate_fn or default_collate)
-        super().__init__(dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
-        self.sample_rate = sampler.sample_rate
+        super().__init__(dataset, sampler, collate_fn, **kwargs)
 
     @classmethod
     def from_data_loader(cls, data_loader: DataLoader, *, generator=None) -> PoissonDataLoader:
@@ -337,11 +587,25 @@ class PoissonDataLoader(DataLoader):
         if batch_size is None:
             raise ValueError(
                 "data_loader must be built with batch_size=... (the expected batch size of the "
-                "Poisson batches); a custom batch_sampler is not supported"
+                "Poisson batches); a custom batch_sampler is not supported. To train on part "
+                "of a dataset, wrap it in torch.utils.data.Subset"
             )
         dataset = data_loader.dataset
         if isinstance(dataset, IterableDataset):
             raise TypeError("Poisson sampling needs a map-style dataset (with __len__ and [i])")
+        custom = [
+            s for s, default in ((data_loader.sampler, (SequentialSampler, RandomSampler)),
+                                 (data_loader.batch_sampler, (BatchSampler,)))
+            if type(s) not in default
+        ]  # fmt: skip
+        if custom:
+            raise ValueError(
+                f"data_loader uses a {type(custom[0]).__name__}: the Poisson loader that "
+                "replaces it samples every example of the dataset at rate batch_size / "
+                "len(dataset), whatever that sampler would have drawn. To train on part of a "
+                "dataset, wrap it in torch.utils.data.Subset and build the loader with "
+                "batch_size (and shuffle) only"
+            )
         if len(dataset) == 0:
             raise ValueError("data_loader's dataset is empty")
         if batch_size > len(dataset):
@@ -372,7 +636,16 @@ class DPOptimizer(torch.optim.Optimizer):
 
     param_groups, state, defaults, state_dict and load_state_dict are the wrapped
     optimizer's. `noise_multiplier` may be changed between steps (each step is recorded with
-    its own value)."""
+    its own value).
+
+    With a GradScaler (make_private(grad_scaler=)), scaler.step(optimizer) calls step()
+    directly: the release is already in true units, and the scaler's inf check is made on
+    the released gradient (a non-finite one is accounted, once, and the wrapped optimizer's
+    step is skipped)."""
+
+    # Tells GradScaler.step() to call step() as it is: otherwise it would unscale_ and
+    # inf-check .grad first, find none (the engine sets them in step) and raise.
+    _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, engine: PrivacyEngine):
         self.original_optimizer = optimizer
@@ -413,13 +686,31 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.zero_grad(set_to_none)
 
     def step(self, closure=None):
+        scaler = self._engine._grad_scaler
+        # GradScaler.step() sets found_inf on an optimizer with _step_supports_amp_scaling
+        # for the duration of the call
+        if scaler is None and hasattr(self, "found_inf"):
+            raise RuntimeError(
+                "scaler.step(optimizer) on an engine that was not given the GradScaler: the "
+                "per-example gradients of a scaled loss are S times too large, so they would be "
+                "clipped (and released) at the wrong scale. Pass grad_scaler=scaler to "
+                "make_private"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._engine._release(self.noise_multiplier)
+        if scaler is not None and scaler.is_enabled() and self._released_nonfinite(scaler):
+            return loss  # accounted (it was released); the scaler backs off in update()
         self.original_optimizer.step()
         return loss
+
+    def _released_nonfinite(self, scaler) -> bool:
+        """Record the GradScaler's inf check, made on the released gradient (scaler.update()
+        needs one; GradScaler's own method for optimizers that handle scaling themselves)."""
+        found = scaler._check_inf_per_device(self)
+        return bool(sum(v.item() for v in found.values()))
 
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r})"
@@ -430,15 +721,26 @@ class DPOptimizer(torch.optim.Optimizer):
 
 class PrivacyEngine:
     """Converts a model to DP layers, samples batches by Poisson sampling, privatises each
-    optimizer step and keeps the privacy ledger. accountant: "prv" (default) or "rdp"."""
+    optimizer step and keeps the privacy ledger. accountant: "prv" (default) or "rdp".
+    secure_mode: the default of make_private's secure_mode (on unless turned off here)."""
 
-    def __init__(self, accountant: str = "prv"):
+    def __init__(self, accountant: str = "prv", *, secure_mode: bool = True):
+        if accountant == "gdp":
+            raise ValueError(
+                "accountant='gdp' (Opacus' Gaussian-DP accountant) is not available: its ε is a "
+                "central-limit approximation, not an upper bound, and dp_attn reports only upper "
+                "bounds. Use accountant='prv' (tight, the default) or accountant='rdp'"
+            )
+        if not isinstance(secure_mode, bool):
+            raise TypeError(f"secure_mode must be a bool, got {type(secure_mode).__name__}")
         self.accountant = make_accountant(accountant)
         self.accountant_name = accountant
+        self.secure_mode = secure_mode
         self._stats = PrivacyStats()
         self._clipper: _Clipper | None = None
         self._settings: dict | None = None
         self._budget = None
+        self._grad_scaler = None
 
     # ---- set-up
     def make_private(
@@ -448,73 +750,116 @@ class PrivacyEngine:
         optimizer: torch.optim.Optimizer,
         data_loader: DataLoader,
         noise_multiplier: float,
-        max_grad_norm: float | Mapping[str, float],
+        max_grad_norm: float | Mapping[str, float] | list[float],
         clipping: str = "flat",
         loss_reduction: str = "mean",
         target_epsilon: float | None = None,
         target_delta: float | None = None,
         generator: torch.Generator | None = None,
-        secure_mode: bool = True,
-    ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
-        """Make training private; returns (module, optimizer, data_loader) to train with.
+        secure_mode: bool | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        batch_first: bool = True,
+        poisson_sampling: bool = True,
+        grad_sample_mode: str = "hooks",
+        criterion: nn.Module | None = None,
+        noise_generator: None = None,
+    ) -> tuple:
+        """Make training private; returns (module, optimizer, data_loader) to train with, or
+        (module, optimizer, criterion, data_loader) for a "ghost" grad_sample_mode (as Opacus).
 
         module: converted in place (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding and
             nn.MultiheadAttention become their dp_attn.nn versions, keeping the same Parameter
             objects and state_dict keys). Every trainable parameter must belong to one of
             them, once (tied parameters are refused).
         optimizer: the optimizer over the module's parameters; wrapped.
-        data_loader: an ordinary loader with batch_size; replaced by a PoissonDataLoader with
-            q = batch_size / len(dataset) and as many batches per epoch.
+        data_loader: an ordinary loader with batch_size (and shuffle; a custom sampler is
+            refused: wrap the dataset in torch.utils.data.Subset instead); replaced by a
+            PoissonDataLoader with q = batch_size / len(dataset) and as many batches per
+            epoch. Each step's backward passes must cover at most that step's batch (one
+            batch per optimizer.step(); micro-batches are disjoint slices of it).
         noise_multiplier: z >= 0 (0 gives no privacy: ε = inf).
         max_grad_norm: C > 0. "flat": the bound on each example's whole gradient. "per-layer":
             split as C/√K over the K DP layers with trainable parameters, or a mapping
-            {DP layer name: C_k} covering each of them (the noise uses sqrt(Σ C_k²)).
+            {DP layer name: C_k} covering each of them, or (Opacus) a list with one threshold
+            C_p per trainable parameter in module.parameters() order: each DP layer is then
+            clipped to C_k = sqrt(Σ C_p²) over its parameters. The noise uses sqrt(Σ C_k²).
             "block": C/√K over all K groups of the model: each 128×128 tile of a linear weight
             (DPMultiheadAttention: of each of its Q, K and V matrices) with its bias slice
             (dp_attn.functional.block_clip_num_groups), and each norm layer, embedding and
             bias-only layer as one group.
-        clipping: "flat", "per-layer" or "block" (DESIGN.md §1).
+        clipping: "flat", "per-layer" (or Opacus' "per_layer") or "block" (docs/design.md §1).
         loss_reduction: "mean" if the loss averages over the examples of the batch (each DP
             layer's output gradients are multiplied by the batch size it saw), "sum" if it sums.
         target_epsilon, target_delta: an optional budget; a step that would exceed it raises
             BudgetExceededError before anything is released.
         generator: fixes the Poisson sampling's draws (tests only; default: CSPRNG-seeded).
-        secure_mode: draw each noise coordinate as the sum of two normals and round the noised
-            sum to a power-of-two grid, against floating-point attacks on the Gaussian samples
-            (docs/threat_model.md); same ε, at most 1/48 more noise variance. On by default:
-            without it the float32 sampler's truncated tails can make δ false for large models.
+        secure_mode: round the noised sum to a power-of-two grid in (σ/4, σ/2], against
+            floating-point attacks on the Gaussian samples (docs/threat_model.md); the normals
+            are those of secure_mode=False (tails followed to 9.42σ in both modes). Same ε, at
+            most 1/48 more noise variance. None (default): the engine's, PrivacyEngine(
+            secure_mode=), which is on unless turned off there: without it the low-order bits
+            of the float32 samples, which depend on the data, are released as they are.
+        grad_scaler: the torch.amp.GradScaler whose scale(loss) the backward passes see (fp16
+            training): the engine divides the per-example gradients by its scale before
+            clipping, and scaler.step(optimizer) releases (docs/opacus_migration.md).
+            Required when the loss is scaled: nothing else tells the engine the scale.
+        batch_first, poisson_sampling, grad_sample_mode, criterion, noise_generator: Opacus'
+            arguments, accepted where dp_attn does what they ask: batch_first=True and
+            poisson_sampling=True only; any grad_sample_mode but "no_op" (the DP layers always
+            use dp_attn's kernels); criterion is returned, as it is, for the "ghost" modes;
+            noise_generator must be None (the noise is always keyed by the OS CSPRNG).
         """
+        _check_opacus_arguments(batch_first, poisson_sampling, grad_sample_mode, noise_generator)
         if self._clipper is not None:
             raise RuntimeError("this PrivacyEngine is already in use: create one per model")
         _check_types(module, optimizer)
+        _refuse_batch_statistics(module)
         noise_multiplier = _check_real("noise_multiplier", noise_multiplier, positive=False)
+        if isinstance(clipping, str):
+            clipping = CLIPPING_ALIASES.get(clipping, clipping)
         if clipping not in CLIPPING_STYLES:
-            raise ValueError(f"clipping must be one of {CLIPPING_STYLES}, got {clipping!r}")
+            raise ValueError(
+                f"clipping must be one of {CLIPPING_STYLES} ('per_layer' is 'per-layer'), got "
+                f"{clipping!r}"
+            )
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(
                 f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}"
             )
-        if not isinstance(max_grad_norm, Mapping):
+        if not isinstance(max_grad_norm, (Mapping, list, tuple)):
             max_grad_norm = _check_real("max_grad_norm", max_grad_norm, positive=True)
         elif clipping != "per-layer":
             raise TypeError(
                 f"max_grad_norm must be a number for clipping={clipping!r} (a mapping of "
-                "per-layer thresholds is for clipping='per-layer')"
+                "per-layer thresholds, or a list of per-parameter ones, is for "
+                "clipping='per-layer')"
             )
         if (target_epsilon is None) != (target_delta is None):
             raise ValueError("give both target_epsilon and target_delta for a budget, or neither")
+        if secure_mode is None:
+            secure_mode = self.secure_mode
         if not isinstance(secure_mode, bool):
             raise TypeError(f"secure_mode must be a bool, got {type(secure_mode).__name__}")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+            )
+        if "ghost" in grad_sample_mode:
+            criterion = _ghost_criterion(criterion, loss_reduction)
         loader = PoissonDataLoader.from_data_loader(data_loader, generator=generator)
         budget = None
         if target_epsilon is not None:
             budget = PrivacyBudget(target_epsilon, target_delta, self.accountant)
 
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         converted = _convert(module)
         try:
             layers = _private_layers(module)
             _check_optimizer_params(optimizer, layers)
-            thresholds, group_threshold, total = _thresholds(clipping, max_grad_norm, layers)
+            per_layer = max_grad_norm
+            if isinstance(max_grad_norm, (list, tuple)):
+                per_layer = _layer_thresholds(max_grad_norm, trainable, optimizer, layers)
+            thresholds, group_threshold, total = _thresholds(clipping, per_layer, layers)
         except Exception:
             for m, cls in converted:  # leave the user's model as it was
                 m.__class__ = cls
@@ -523,21 +868,27 @@ class PrivacyEngine:
         self._noise_multiplier = noise_multiplier
         self._total_threshold = total
         self._secure_mode = secure_mode
+        self._grad_scaler = grad_scaler
         self._sample_rate = loader.sample_rate
         self._expected_batch_size = loader.sample_rate * len(loader.dataset)
         self._budget = budget
         self._params = [(name, p) for _, layer in layers for name, p in layer.params]
-        self._padding_rows = {
+        tied_groups = {layer.module: layer.tied_to for _, layer in layers if layer.tied_to}
+        tied_groups.update({group: group for group in tied_groups.values()})
+        self._padding_rows = {  # a tied head trains the padding row: only untied ones stay 0
             layer.module.weight: layer.module.padding_idx
             for _, layer in layers
             if isinstance(layer.module, DPEmbedding) and layer.module.padding_idx is not None
+            and layer.module not in tied_groups
         }
+        if isinstance(max_grad_norm, Mapping):
+            max_grad_norm = dict(max_grad_norm)
+        elif isinstance(max_grad_norm, tuple):
+            max_grad_norm = list(max_grad_norm)
         self._settings = {
             "clipping": clipping,
             "loss_reduction": loss_reduction,
-            "max_grad_norm": (
-                dict(max_grad_norm) if isinstance(max_grad_norm, Mapping) else max_grad_norm
-            ),
+            "max_grad_norm": max_grad_norm,
             "noise_multiplier": noise_multiplier,
             "sample_rate": self._sample_rate,
             "expected_batch_size": self._expected_batch_size,
@@ -548,15 +899,22 @@ class PrivacyEngine:
         self._clipper = _Clipper(
             clipping, loss_reduction, group_threshold,
             {layer.module: thresholds[name] for name, layer in layers if name in thresholds},
-            self._stats, [p for _, p in self._params],
+            self._stats, [p for _, p in self._params], tied_groups,
         )
+        self._clipper.grad_scaler = grad_scaler
         for m in module.modules():
             if isinstance(m, _DP_LAYERS):
                 m._dp_controller = self._clipper
         for name, p in self._params:
             p.register_hook(_refuse_outside_gradient(name))
+        for name, m in module.named_modules():
+            if next(m.named_buffers(recurse=False), None) is not None:
+                _BufferGuard(name, self._clipper).attach(m)
+        loader._step_tracker = self._clipper
         self.module = module
         self.optimizer = DPOptimizer(optimizer, self)
+        if "ghost" in grad_sample_mode:
+            return module, self.optimizer, criterion, loader
         return module, self.optimizer, loader
 
     def make_private_with_epsilon(
@@ -568,15 +926,22 @@ class PrivacyEngine:
         target_epsilon: float,
         target_delta: float,
         epochs: int,
-        max_grad_norm: float | Mapping[str, float],
+        max_grad_norm: float | Mapping[str, float] | list[float],
         clipping: str = "flat",
         loss_reduction: str = "mean",
         generator: torch.Generator | None = None,
-        secure_mode: bool = True,
-    ) -> tuple[nn.Module, DPOptimizer, PoissonDataLoader]:
+        secure_mode: bool | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        batch_first: bool = True,
+        poisson_sampling: bool = True,
+        grad_sample_mode: str = "hooks",
+        criterion: nn.Module | None = None,
+        noise_generator: None = None,
+    ) -> tuple:
         """make_private with the noise multiplier calibrated (by this engine's accountant) so
         that `epochs` epochs of len(data_loader) steps at q = batch_size / len(dataset) spend
         exactly (target_epsilon, target_delta); that budget is then enforced."""
+        _check_opacus_arguments(batch_first, poisson_sampling, grad_sample_mode, noise_generator)
         if not _is_int(epochs) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
         loader = PoissonDataLoader.from_data_loader(data_loader)
@@ -589,6 +954,7 @@ class PrivacyEngine:
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, clipping=clipping,
             loss_reduction=loss_reduction, target_epsilon=target_epsilon,
             target_delta=target_delta, generator=generator, secure_mode=secure_mode,
+            grad_scaler=grad_scaler, grad_sample_mode=grad_sample_mode, criterion=criterion,
         )
 
     # ---- the ledger
@@ -656,26 +1022,31 @@ class PrivacyEngine:
         return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
     def _release(self, noise_multiplier: float) -> None:
-        if self._clipper.pass_open:
-            raise RuntimeError(
-                "optimizer.step() was called before the backward pass finished (if a backward "
-                "pass raised, call optimizer.zero_grad() to discard its partial gradients)"
-            )
+        # every check that can refuse the step comes before the accountant records it
+        self._clipper.check_releasable()
         if self._budget is not None:
             self._budget.check(noise_multiplier, self._sample_rate)
         self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=self._sample_rate)
-        grads = self._clipper.take()
-        if grads is None:
-            grads = torch.zeros(self._clipper.size, dtype=torch.float32, device=self._device())
-        self._add_noise(grads, noise_multiplier * self._total_threshold)
-        grads.div_(self._expected_batch_size)
-        for _, p in self._params:
-            if not p.requires_grad:
-                continue
-            grad = grads[self._clipper.slices[p]].view(p.shape)
-            if p in self._padding_rows:
-                grad[self._padding_rows[p]] = 0.0  # never trained: its true gradient is 0
-            p.grad = self._as_grad(p, grad)
+        try:
+            grads = self._clipper.take()
+            if grads is None:
+                grads = torch.zeros(self._clipper.size, dtype=torch.float32, device=self._device())
+            # The certified sensitivity is C_tot·(1 + RELEASE_ROUNDING): scale the noise with it.
+            sensitivity = self._total_threshold * (1.0 + RELEASE_ROUNDING)
+            self._add_noise(grads, noise_multiplier * sensitivity)
+            grads.div_(self._expected_batch_size)
+            for _, p in self._params:
+                if not p.requires_grad:
+                    continue
+                grad = grads[self._clipper.slices[p]].view(p.shape)
+                if p in self._padding_rows:
+                    grad[self._padding_rows[p]] = 0.0  # never trained: its true gradient is 0
+                p.grad = self._as_grad(p, grad)
+        except BaseException:
+            self._stats.unreleased_steps += 1  # in ε, yet nothing (or not all) was released
+            raise
+        finally:
+            self._clipper.end_step()
         self._stats.steps += 1
 
 
@@ -720,35 +1091,68 @@ def _convert(module: nn.Module) -> list[tuple[nn.Module, type]]:
 
 @dataclass
 class _Layer:
-    """A DP layer with trainable parameters: one privacy group under per-layer clipping."""
+    """A DP layer with trainable parameters: one privacy group under per-layer clipping, or,
+    tied_to set, part of the group of that embedding (a head sharing its weight)."""
 
     module: nn.Module
     params: list  # [(qualified name, Parameter)] it owns and trains
+    tied_to: nn.Module | None = None
+
+
+def _tie(first: nn.Module, second: nn.Module, p: nn.Parameter) -> nn.Module | None:
+    """The embedding of a supported tie (one weight for an embedding and an output head), or
+    None: every other sharing is refused."""
+    pair = {type(first): first, type(second): second}
+    embedding, head = pair.get(DPEmbedding), pair.get(DPLinear)
+    if embedding is None or head is None or not (embedding.weight is p is head.weight):
+        return None
+    return embedding
 
 
 def _private_layers(module: nn.Module) -> list[tuple[str, _Layer]]:
-    """The DP layers owning trainable parameters; refuses uncovered and tied parameters."""
-    layers, owner = [], {}
+    """The DP layers owning trainable parameters; refuses uncovered parameters and shared ones
+    other than tied embeddings (an nn.Embedding and an nn.Linear head with one weight)."""
+    layers, owner, by_module, tied_embeddings = [], {}, {}, set()
     for name, m in module.named_modules():
         if not isinstance(m, _DP_LAYERS):
             continue
         prefix = f"{name}." if name else ""
-        params = []
+        params, tied_to = [], None
         for pname, p in m.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             full = prefix + pname
-            if p in owner:
-                raise ValueError(
-                    f"parameter {owner[p]} is also {full}: tied parameters are not supported (a "
-                    "tied parameter's per-example gradient is the sum over its uses, which the "
-                    f"engine does not form). Untie it before make_private, e.g. model.{full} = "
-                    f"nn.Parameter(model.{owner[p]}.detach().clone()), or freeze it"
+            if p.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"parameter {full} of {type(m).__name__} has dtype {p.dtype}; the DP kernels "
+                    "take float16, bfloat16 and float32: convert the model with model.float() "
+                    "(and train in lower precision with torch.autocast)"
                 )
-            owner[p] = full
+            if p in owner:
+                first_name, first = owner[p]
+                embedding = _tie(first, m, p)
+                if embedding is None:
+                    raise ValueError(
+                        f"parameter {first_name} is also {full}: the DP layers "
+                        f"{first_name.rpartition('.')[0] or 'the model'} and {name or 'the model'}"
+                        " share it, and only an embedding's weight shared with an nn.Linear "
+                        "output head (tied embeddings) is supported: its per-example gradient "
+                        f"is the sum over its uses. Untie it, e.g. model.{full} = "
+                        f"nn.Parameter(model.{first_name}.detach().clone()), or freeze it"
+                    )
+                # The weight stays with its first layer; the group is the embedding's.
+                if embedding is m:
+                    by_module[first].tied_to = m
+                    tied_embeddings.add(m)
+                else:
+                    tied_to = embedding
+                continue
+            owner[p] = (full, m)
             params.append((full, p))
-        if params:
-            layers.append((name, _Layer(m, params)))
+        if params or tied_to is not None or m in tied_embeddings:
+            layer = _Layer(m, params, tied_to)
+            layers.append((name, layer))
+            by_module[m] = layer
     uncovered = [
         name
         for name, p in module.named_parameters(remove_duplicate=False)
@@ -828,13 +1232,17 @@ def _thresholds(clipping, max_grad_norm, layers):
     """(per-layer thresholds {layer name: C_k}, the one group threshold of flat/block, C_tot)."""
     if clipping == "flat":
         return {}, max_grad_norm, max_grad_norm
+    # A tied head is part of its embedding's group (one group, one block-clipping group).
+    grouped = [(name, layer) for name, layer in layers if layer.tied_to is None]
+    heads = {name: next(n for n, other in grouped if other.module is layer.tied_to)
+             for name, layer in layers if layer.tied_to is not None}  # fmt: skip
     if clipping == "block":
-        groups = sum(_block_groups(layer.module) for _, layer in layers)
+        groups = sum(_block_groups(layer.module) for _, layer in grouped)
         return {}, max_grad_norm / math.sqrt(max(groups, 1)), max_grad_norm
-    names = [name for name, _ in layers]
+    names = [name for name, _ in grouped]
     if not isinstance(max_grad_norm, Mapping):
         each = max_grad_norm / math.sqrt(max(len(names), 1))
-        return dict.fromkeys(names, each), None, max_grad_norm
+        return dict.fromkeys([*names, *heads], each), None, max_grad_norm
     missing = [n for n in names if n not in max_grad_norm]
     unknown = [n for n in max_grad_norm if n not in names]
     if missing or unknown:
@@ -844,7 +1252,152 @@ def _thresholds(clipping, max_grad_norm, layers):
         )
     thresholds = {n: _check_real(f"max_grad_norm[{n!r}]", c, positive=True)
                   for n, c in max_grad_norm.items()}  # fmt: skip
-    return thresholds, None, math.sqrt(sum(c * c for c in thresholds.values()))
+    total = math.sqrt(sum(c * c for c in thresholds.values()))
+    return {**thresholds, **{h: thresholds[e] for h, e in heads.items()}}, None, total
+
+
+def _layer_thresholds(per_parameter, trainable, optimizer, layers) -> dict[str, float]:
+    """Opacus' per-layer max_grad_norm, one threshold C_p per trainable parameter (in
+    module.parameters() order), as dp_attn's per-DP-layer thresholds: a layer's parameters are
+    clipped together to C_k = sqrt(Σ_p C_p²). Each example's contribution to the layer then
+    has norm <= C_k, as when its parameters are clipped apart, so C_tot = sqrt(Σ_p C_p²) is
+    the same sensitivity and the noise is that of Opacus."""
+    names = [name for name, _ in trainable]
+    if len(per_parameter) != len(names):
+        raise ValueError(
+            f"max_grad_norm is a list of {len(per_parameter)} thresholds; under per-layer "
+            f"clipping a list needs one per trainable parameter, {len(names)}, in "
+            f"module.parameters() order: {names}"
+        )
+    in_optimizer = [id(p) for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if in_optimizer != [id(p) for _, p in trainable]:
+        raise ValueError(
+            "max_grad_norm is a list, which Opacus pairs with the optimizer's parameters and "
+            "dp_attn with module.parameters(); this optimizer holds them in another order (or "
+            "not all of them). Pass a mapping {DP layer name: threshold} instead"
+        )
+    each = {
+        id(p): _check_real(f"max_grad_norm[{i}] ({name})", c, positive=True)
+        for i, ((name, p), c) in enumerate(zip(trainable, per_parameter, strict=True))
+    }
+    group_of = {layer.module: name for name, layer in layers if layer.tied_to is None}
+    squares: dict[str, float] = {}
+    for name, layer in layers:  # a tied head's parameters join its embedding's group
+        group = group_of[layer.tied_to] if layer.tied_to is not None else name
+        squares[group] = squares.get(group, 0.0) + sum(each[id(p)] ** 2 for _, p in layer.params)
+    return {name: math.sqrt(sq) for name, sq in squares.items()}
+
+
+def _check_opacus_arguments(batch_first, poisson_sampling, grad_sample_mode, noise_generator):
+    """Refuse Opacus' options that would have dp_attn do something other than what they ask."""
+    if batch_first is not True:
+        raise ValueError(
+            f"batch_first={batch_first!r}: dp_attn's privacy unit is dim 0 of every DP layer's "
+            "input (one example per index). Put the batch first (e.g. build "
+            "nn.MultiheadAttention with batch_first=True) and pass batch_first=True"
+        )
+    if poisson_sampling is not True:
+        raise ValueError(
+            f"poisson_sampling={poisson_sampling!r}: fixed-size batches do not match the "
+            "accountant's analysis (each step a Poisson-subsampled Gaussian), so ε would not "
+            "hold. dp_attn always samples by Poisson: drop the argument; to bound memory, split "
+            "each Poisson batch into micro-batches before one optimizer.step()"
+        )
+    if grad_sample_mode == "no_op":
+        raise ValueError(
+            "grad_sample_mode='no_op' is for computing p.grad_sample yourself, which dp_attn "
+            "never reads: its DP layers compute per-example norms and clipped sums in their "
+            "own backward. Drop grad_sample_mode (or pass 'hooks')"
+        )
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES} (all compute the same here: "
+            f"dp_attn's kernels), got {grad_sample_mode!r}"
+        )
+    if noise_generator is not None:
+        raise ValueError(
+            "noise_generator: dp_attn keys every step's noise with fresh bits from the "
+            "operating system's CSPRNG and takes no generator for it. Drop the argument "
+            "(generator= fixes the Poisson sampling's draws, for tests)"
+        )
+
+
+def _ghost_criterion(criterion, loss_reduction: str):
+    """The criterion make_private returns in Opacus' "ghost" modes, where Opacus applies
+    loss_reduction to the criterion's per-example losses: here it is returned as it is (its
+    loss.backward() is all the engine needs), so its own reduction must be loss_reduction."""
+    if criterion is None:
+        return nn.CrossEntropyLoss(reduction=loss_reduction)
+    reduction = getattr(criterion, "reduction", loss_reduction)
+    if reduction != loss_reduction:
+        raise ValueError(
+            f"criterion reduces by {reduction!r} and loss_reduction is {loss_reduction!r}: "
+            "dp_attn uses the criterion as it is (Opacus' ghost mode would override its "
+            f"reduction). Build it with reduction={loss_reduction!r}"
+        )
+    return criterion
+
+
+def _refuse_batch_statistics(module: nn.Module) -> None:
+    """Refuse the norms that mix examples: BatchNorm normalises each example with the
+    statistics of its batch (one outlier moves every example's gradient), and running
+    statistics are batch statistics released without noise."""
+    for name, m in module.named_modules():
+        where = f"{name or 'the model'} ({type(m).__name__})"
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"cannot make {where} private: batch normalisation mixes the examples of a "
+                "batch and its running statistics release them without noise. Replace it "
+                "with nn.GroupNorm or nn.LayerNorm"
+            )
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            raise ValueError(
+                f"cannot make {where} private: its running statistics are batch statistics, "
+                "released without noise. Build it with track_running_stats=False (or use "
+                "nn.GroupNorm)"
+            )
+
+
+class _BufferGuard:
+    """Forward hooks on a module that owns buffers: a buffer replaced or written in place
+    (its version counter moves) during a training forward with autograd on is a statistic of
+    the batch, and releasing the model would release it without noise: raise, and poison the
+    step so that nothing of it is released."""
+
+    def __init__(self, name: str, clipper: _Clipper):
+        self.name, self.clipper = name, clipper
+        self.before: list[dict] = []  # one snapshot per forward in progress (nested calls)
+
+    def attach(self, module: nn.Module) -> None:
+        module.register_forward_pre_hook(self.pre)
+        module.register_forward_hook(self.post)
+
+    @staticmethod
+    def snapshot(module: nn.Module) -> dict:
+        return {n: (id(b), b._version) for n, b in module.named_buffers(recurse=False)}
+
+    @torch.compiler.disable
+    def pre(self, module, args) -> None:
+        watched = module.training and torch.is_grad_enabled()
+        self.before.append(self.snapshot(module) if watched else None)
+
+    @torch.compiler.disable
+    def post(self, module, args, output) -> None:
+        before = self.before.pop() if self.before else None
+        if before is None:
+            return
+        after = self.snapshot(module)
+        changed = sorted(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+        if changed:
+            where = f"{self.name}." if self.name else ""
+            self.clipper.poison(f"{where}{changed[0]} changed during a training forward")
+            raise RuntimeError(
+                f"{type(module).__name__} {self.name or '(the model)'} changed its buffer "
+                f"{where}{changed[0]} during a training forward pass: a buffer computed from "
+                "the batch (running statistics) would be released without noise. Use modules "
+                "without batch statistics (nn.GroupNorm, nn.LayerNorm), or run this module "
+                "in eval mode or under torch.no_grad()"
+            )
 
 
 def _refuse_outside_gradient(name: str):

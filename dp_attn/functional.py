@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import clipped_sum, per_example_norms, reference, small_layers
+from .kernels import clipped_sum, norm_bounds, per_example_norms, reference, small_layers
 from .kernels.flash_attn import (
     check_attention_args,
     check_key_lengths_range,
@@ -18,12 +18,16 @@ __all__ = [
     "add_gaussian_noise_",
     "block_clip_num_groups",
     "block_clipped_grad_sum",
+    "clip_factors",
     "clipped_grad_sum",
     "embedding_clipped_grad_sum",
+    "embedding_grad_norm_bounds",
     "embedding_grad_sq_norms",
     "flash_attention",
     "norm_affine_clipped_grad_sum",
+    "norm_affine_grad_norm_bounds",
     "norm_affine_grad_sq_norms",
+    "per_example_grad_norm_bounds",
     "per_example_grad_sq_norms",
 ]
 
@@ -54,7 +58,7 @@ def flash_attention(
       are masked for example b (right padding). Examples never see each other's data.
     - A query row that sees no key (causal with Tq > Tk, or key_lengths[b] = 0) outputs 0 and
       gets zero gradients, never NaN. B = 0 (an empty Poisson batch) gives an empty output.
-    - D in {16, 32, 64, 128, 256}; fp16, bf16, fp32 (on GPU, fp32 matmuls use 3xTF32, about
+    - any head dim D from 1 to 256; fp16, bf16, fp32 (on GPU, fp32 matmuls use 3xTF32, about
       fp32 accuracy, or plain TF32 when torch.backends.cuda.matmul.allow_tf32 is set); any Tq,
       Tk; q, k, v may be non-contiguous views (e.g. of one fused QKV projection output) and
       are not copied.
@@ -76,7 +80,7 @@ def flash_attention(
 
 # ---------------------------------------------------------------- DP-SGD kernels for layers
 # Per-example gradient norms, clipped sums and Gaussian noise for linear, norm-affine and
-# embedding layers (DESIGN.md §1, §3). Noise is Philox-4x32-10 keyed by the 128-bit
+# embedding layers (docs/design.md §1, §3). Noise is Philox-4x32-10 keyed by the 128-bit
 # noise_key(seed) (the OS CSPRNG when seed is None), every element with its own counter and lane
 # by the rule in kernels/reference.py; twin and kernel draw the same noise. secure_mode=True
 # resists floating-point attacks on the Gaussian samples (docs/threat_model.md).
@@ -158,6 +162,43 @@ def per_example_grad_sq_norms(
     return backend.per_example_grad_sq_norms(a, g, bias=bias, method=method)
 
 
+def clip_factors(
+    norm: torch.Tensor, release_error: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """Clip factors min(1, C·(1 + 1e-5) / (norm + release_error + 1e-6)), float64 [B], from the
+    bounds of per_example_grad_norm_bounds (each summed in quadrature over the layers of a
+    group): each example's released contribution is then at most C·(1 + 1e-5), rounding
+    included."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a Python number, got {type(threshold).__name__}")
+    if not threshold >= 0:  # inf is allowed: no clipping
+        raise ValueError(f"threshold must be a number >= 0, got {threshold}")
+    return norm_bounds.clip_factors(norm, release_error, threshold)
+
+
+def per_example_grad_norm_bounds(
+    a: torch.Tensor, g: torch.Tensor, *, bias: bool = True
+) -> torch.Tensor:
+    """Certified bounds (norm, release_error) of each example's linear-layer gradient, float64
+    [B] each.
+
+    norm >= the exact norm ‖g_iᵀ a_i‖ (+ bias), within ~1e-5 of it on ordinary inputs;
+    release_error bounds the rounding of clipped_grad_sum: for any clip factors c, the part of
+    clipped_grad_sum(a, g, c, bias=bias) that example i contributes has norm at most
+    c_i·(norm_i + release_error_i), whatever the values of a and g (crafted cancellations,
+    magnitudes up to the dtype's range). clip_factors(norm, release_error, C) gives factors
+    whose contributions are at most C·(1 + 1e-5). Both are finite for every finite example
+    (inf or NaN only when a or g is); kernels/norm_bounds.py has the error analysis.
+    """
+    _check_pair("a", a, g, same_width=False)
+    seq_len = a.shape[1] if a.dim() == 3 else 1
+    method = norm_bounds.certified_norm_method(seq_len, a.shape[-1], g.shape[-1], a.device)
+    sq = _backend(per_example_norms, a, g).per_example_grad_sq_norms(
+        a, g, bias=bias, method=method
+    )
+    return norm_bounds.linear_norm_bounds(sq, a, g, bias=bias, method=method)
+
+
 def clipped_grad_sum(
     a: torch.Tensor,
     g: torch.Tensor,
@@ -177,11 +218,9 @@ def clipped_grad_sum(
     epilogue, fp32 accumulation, stored in out_dtype (default a.dtype). clip_factors: fp32 [B];
     an example with c_i = 0 contributes exactly 0 even if its a or g is not finite. seed=None
     (training) keys the noise from the OS CSPRNG (128 bits per call); an int seed is for tests
-    only. secure_mode=True: each noise coordinate is the sum of two independent Box-Muller
-    normals of std noise_std/√2, and the noised sum is rounded to a power-of-two grid in
-    (noise_std/4, noise_std/2] before the scale: no floating-point structure of the samples
-    shows, at twice the noise-generation work and at most 1/48 more noise variance
-    (docs/threat_model.md).
+    only. secure_mode=True: the noised sum is rounded to a power-of-two grid in
+    (noise_std/4, noise_std/2] before the scale, so that no floating-point structure of the
+    samples shows, at most 1/48 more noise variance (docs/threat_model.md).
     """
     _check_pair("a", a, g, same_width=False)
     _check_clip_factors(clip_factors, a.shape[0], g)
@@ -246,6 +285,15 @@ def norm_affine_grad_sq_norms(
     return _backend(small_layers, x_hat, g).norm_affine_grad_sq_norms(x_hat, g, bias=bias)
 
 
+def norm_affine_grad_norm_bounds(
+    x_hat: torch.Tensor, g: torch.Tensor, *, bias: bool = True
+) -> torch.Tensor:
+    """Certified bounds (norm, release_error) of each example's LayerNorm/RMSNorm affine gradient
+    (for norm_affine_clipped_grad_sum), float64 [B] each; see per_example_grad_norm_bounds."""
+    sq = norm_affine_grad_sq_norms(x_hat, g, bias=bias)
+    return norm_bounds.norm_affine_norm_bounds(sq, x_hat, g, bias=bias)
+
+
 def norm_affine_clipped_grad_sum(
     x_hat: torch.Tensor,
     g: torch.Tensor,
@@ -299,12 +347,25 @@ def embedding_grad_sq_norms(
 ) -> torch.Tensor:
     """Squared norm of each example's embedding-table gradient, fp32 [B].
 
-    ids: token ids [B, T] (or [B]); g: output gradients [B, T, d] (or [B, d]). Ghost form
-    Σ_{t,s} [ids_t = ids_s] <g_t, g_s> over T×T tiles with a token-equality mask, never a
-    [B, V, d] tensor. Positions whose id is padding_idx contribute nothing.
+    ids: token ids [B, T] (or [B]); g: output gradients [B, T, d] (or [B, d]). Per example
+    Σ_v ‖Σ_{t: ids_t = v} g_t‖²: positions grouped by id and summed in float64 (no
+    cancellation, never a [B, V, d] tensor), in PyTorch on every device. Positions whose id
+    is padding_idx contribute nothing.
     """
     _check_embedding_inputs(ids, g, padding_idx)
-    return _backend(small_layers, ids, g).embedding_grad_sq_norms(ids, g, padding_idx=padding_idx)
+    return reference.embedding_grad_sq_norms(ids, g, padding_idx=padding_idx)
+
+
+def embedding_grad_norm_bounds(
+    ids: torch.Tensor, g: torch.Tensor, *, padding_idx: int | None = None
+) -> torch.Tensor:
+    """Certified bounds (norm, release_error) of each example's embedding-table gradient (for
+    embedding_clipped_grad_sum), float64 [B] each; see per_example_grad_norm_bounds."""
+    sq = embedding_grad_sq_norms(ids, g, padding_idx=padding_idx)
+    keep = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    if padding_idx is not None:
+        keep = ids != padding_idx
+    return norm_bounds.embedding_norm_bounds(sq, g, keep)
 
 
 def embedding_clipped_grad_sum(

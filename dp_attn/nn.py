@@ -7,7 +7,7 @@ computes exactly what the counterpart computes and autograd fills `.grad` as usu
 With a PrivacyEngine attached (`make_private`), the forward goes through a thin
 torch.autograd.Function that saves the layer's input; its backward returns the exact input
 gradient but, instead of the summed parameter gradient, hands the per-example material
-(activations and output gradients) to the engine, which clips and sums it (DESIGN.md §1).
+(activations and output gradients) to the engine, which clips and sums it (docs/design.md §1).
 The parameter slots get no gradient: the engine writes `.grad` in `optimizer.step()`.
 
 Per-example means along dim 0 of every DP layer's input: models must be batch-first.
@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as DF
-from .kernels.flash_attn import HEAD_DIMS
+from .kernels.flash_attn import MAX_HEAD_DIM
+from .kernels.norm_bounds import (
+    tied_embedding_head_cross,
+    tied_norm_bounds,
+    vector_sum_norm_bounds,
+)
 
 __all__ = [
     "DPConv1D",
@@ -59,6 +64,11 @@ def _bias_sums(g: torch.Tensor) -> torch.Tensor:
 
 def _bias_sq_norms(g: torch.Tensor) -> torch.Tensor:
     return _bias_sums(g).square().sum(1)
+
+
+def _squared(bounds):
+    """(norm², release_error²): the form in which the bounds of a group's pieces add up."""
+    return tuple(b.square() for b in bounds)
 
 
 def _bias_clipped_sum(g: torch.Tensor, clip_factors: torch.Tensor) -> torch.Tensor:
@@ -112,6 +122,13 @@ class _LinearPiece:
             return _bias_sq_norms(self.g)
         return DF.per_example_grad_sq_norms(self.a, self.g, bias=self.has_bias)
 
+    def sq_norm_bounds(self):
+        """Squared certified bounds (norm², release_error²), float64 [B] each, of what
+        clipped_sums releases per unit clip factor (kernels/norm_bounds.py)."""
+        if not self.has_weight:
+            return _squared(vector_sum_norm_bounds(self.g))
+        return _squared(DF.per_example_grad_norm_bounds(self.a, self.g, bias=self.has_bias))
+
     def clipped_sums(self, clip_factors: torch.Tensor):
         if not self.has_weight:
             return self._out(None, _bias_clipped_sum(self.g, clip_factors))
@@ -162,6 +179,12 @@ class _NormPiece:
             return _bias_sq_norms(self.g)
         return DF.norm_affine_grad_sq_norms(self.x_hat, self.g, bias=self.bias is not None)
 
+    def sq_norm_bounds(self):
+        if self.weight is None:
+            return _squared(vector_sum_norm_bounds(self.g))
+        bias = self.bias is not None
+        return _squared(DF.norm_affine_grad_norm_bounds(self.x_hat, self.g, bias=bias))
+
     def clipped_sums(self, clip_factors: torch.Tensor):
         if self.weight is None:
             bias = _bias_clipped_sum(self.g, clip_factors)
@@ -192,12 +215,45 @@ class _EmbeddingPiece:
     def sq_norms(self) -> torch.Tensor:
         return DF.embedding_grad_sq_norms(self.ids, self.g, padding_idx=self.padding_idx)
 
+    def sq_norm_bounds(self):
+        return _squared(
+            DF.embedding_grad_norm_bounds(self.ids, self.g, padding_idx=self.padding_idx)
+        )
+
     def clipped_sums(self, clip_factors: torch.Tensor):
         weight = DF.embedding_clipped_grad_sum(
             self.ids, self.g, clip_factors, self.weight.shape[0],
             padding_idx=self.padding_idx, out_dtype=torch.float32,
         )
         return [(self.weight, None, weight)]
+
+
+def group_sq_bounds(pieces):
+    """Squared certified bounds (norm², release_error²), float64 [B] each, of one privacy
+    group's per-example contribution. Pieces on different parameters add in quadrature; an
+    embedding and an output head that share one weight (tied embeddings) need their cross
+    term, since that weight's per-example gradient is the sum over both uses."""
+    embedding = next((p for p in pieces if isinstance(p, _EmbeddingPiece)), None)
+    shares = [p for p in pieces if isinstance(p, _LinearPiece) and p.has_weight
+              and embedding is not None and p.target.weight is embedding.weight]  # fmt: skip
+    head = shares[0] if shares else None
+    if head is None:
+        bounds = [p.sq_norm_bounds() for p in pieces]
+        return tuple(sum(parts) for parts in zip(*bounds, strict=True))
+    keep = torch.ones_like(embedding.ids, dtype=torch.bool)
+    if embedding.padding_idx is not None:
+        keep = embedding.ids != embedding.padding_idx
+    cross = tied_embedding_head_cross(embedding.ids, embedding.g, keep, head.a, head.g)
+    emb_bounds = DF.embedding_grad_norm_bounds(
+        embedding.ids, embedding.g, padding_idx=embedding.padding_idx
+    )
+    head_bounds = DF.per_example_grad_norm_bounds(head.a, head.g, bias=head.has_bias)
+    norm_sq, error_sq = _squared(tied_norm_bounds(emb_bounds, head_bounds, *cross))
+    for piece in pieces:
+        if piece is not embedding and piece is not head:
+            other_norm_sq, other_error_sq = piece.sq_norm_bounds()
+            norm_sq, error_sq = norm_sq + other_norm_sq, error_sq + other_error_sq
+    return norm_sq, error_sq
 
 
 # ---------------------------------------------------------------- autograd Functions
@@ -222,9 +278,12 @@ class _DPLinearFn(torch.autograd.Function):
         for j, (g, target) in enumerate(zip(grads, ctx.targets, strict=True)):
             x, w = saved[2 * j], saved[2 * j + 1]
             need_x, need_w, need_b = needs[3 * j : 3 * j + 3]
-            grad_args += [g @ w if need_x else None, None, None]
+            # Under torch.autocast the forward ran in g's dtype (x and w were cast to it); the
+            # input gradient goes back in x's dtype, and the kernels accumulate in fp32.
+            grad_x = (g @ w.to(g.dtype)).to(x.dtype) if need_x else None
+            grad_args += [grad_x, None, None]
             if need_w or need_b:
-                pieces.append(_LinearPiece(x, g, target, need_w, need_b))
+                pieces.append(_LinearPiece(x.to(g.dtype), g, target, need_w, need_b))
         if pieces:
             ctx.owner._dp_controller.record(ctx.owner, pieces)
         return (None, None, *grad_args)
@@ -407,7 +466,29 @@ class DPEmbedding(nn.Embedding):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not _private(self):
             return F.embedding(input, self.weight, self.padding_idx)
+        controller = self._dp_controller
+        if input.dim() >= 2:
+            controller.forward_tokens = tuple(input.shape[:2])
+        else:
+            input = _per_example_positions(self, input, controller.forward_tokens)
         return _DPEmbeddingFn.apply(self, input, self.weight)
+
+
+def _per_example_positions(module, ids, tokens):
+    """1-D ids under an engine: nanoGPT's `wpe(torch.arange(T))`, whose [T, d] output the model
+    broadcasts over the batch, so that autograd would sum the examples' gradients into one.
+    When a batched embedding of this forward saw (B, T) tokens and ids has T entries, the ids
+    are positions: expanded to [B, T], each example gets its own gradient rows (and the output,
+    [B, T, d], broadcasts as before). Otherwise 1-D ids are one token per example, [B]."""
+    if tokens is not None and ids.shape[0] == tokens[1]:
+        return ids.expand(tokens[0], -1)
+    if tokens is None or ids.shape[0] == tokens[0]:
+        return ids
+    raise ValueError(
+        f"{type(module).__name__} got 1-D ids of length {ids.shape[0]}, neither this forward's "
+        f"batch ({tokens[0]}) nor its sequence length ({tokens[1]}): give the ids a batch "
+        "dimension, e.g. positions[None].expand(batch_size, -1)"
+    )
 
 
 def _check_embedding(module: nn.Embedding) -> None:
@@ -528,10 +609,10 @@ def _check_attention(module: nn.MultiheadAttention) -> None:
         )
     if module.bias_k is not None or module.add_zero_attn:
         raise ValueError("DPMultiheadAttention does not support add_bias_kv or add_zero_attn")
-    if module.head_dim not in HEAD_DIMS:
+    if module.head_dim > MAX_HEAD_DIM:
         raise ValueError(
-            f"flash attention needs a head dim (embed_dim / num_heads) in {HEAD_DIMS}, got "
-            f"{module.embed_dim} / {module.num_heads} = {module.head_dim}"
+            f"flash attention needs a head dim (embed_dim / num_heads) of at most {MAX_HEAD_DIM}, "
+            f"got {module.embed_dim} / {module.num_heads} = {module.head_dim}"
         )
 
 

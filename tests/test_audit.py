@@ -243,7 +243,11 @@ def test_scores_are_inner_products_with_the_clipped_canary_gradients():
     )
     release = clipped[torch.from_numpy(result.included)].sum(0) / len(canaries)
     expected = (clipped @ release).numpy()
-    np.testing.assert_allclose(result.scores["sum"], expected, rtol=1e-4, atol=1e-7)
+    # The engine's clip factors come from certified bounds, within ~1e-5 of the exact norms
+    # (docs/threat_model.md §2b): a score that is a small difference of terms moves by
+    # about 1e-5 of the largest one.
+    atol = 2e-5 * float(np.abs(expected).max())
+    np.testing.assert_allclose(result.scores["sum"], expected, rtol=1e-4, atol=atol)
     assert math.isinf(result.claimed_epsilon) and not result.violates_claim
 
 

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("sklearn", reason="the demo extra: pip install 'dp-attn[demo]'")
-pytest.importorskip("matplotlib", reason="the demo extra: pip install 'dp-attn[demo]'")
-pytest.importorskip("tqdm", reason="the demo extra: pip install 'dp-attn[demo]'")
+pytest.importorskip("sklearn", reason="the demo extra: pip install -e '.[demo]'")
+pytest.importorskip("matplotlib", reason="the demo extra: pip install -e '.[demo]'")
+pytest.importorskip("tqdm", reason="the demo extra: pip install -e '.[demo]'")
 
 from dp_attn import cli, demo
 
@@ -60,7 +60,8 @@ def test_missing_scikit_learn_names_the_pip_command(monkeypatch, capsys, tmp_pat
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     assert cli.main(["demo", "--quick", "--plot", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
-    assert "scikit-learn" in err and 'pip install "dp-attn[demo]"' in err
+    assert "scikit-learn" in err and 'pip install -e ".[demo]"' in err
+    assert "pip install scikit-learn matplotlib tqdm" in err
 
 
 @pytest.mark.parametrize(

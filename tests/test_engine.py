@@ -383,10 +383,12 @@ def test_uncovered_parameters_are_named():
     assert type(model.lin) is nn.Linear  # a refused model is left as it was
 
 
-def test_tied_parameters_are_refused():
+def test_shared_parameters_other_than_tied_embeddings_are_refused():
+    """Tied input/output embeddings are one privacy group (tests/test_tied_parameters.py);
+    any other sharing is refused, naming both layers and how to untie."""
     model = make_model()
-    model.head.weight = model.tok.weight  # both [vocab, d]
-    with pytest.raises(ValueError, match=r"tied parameters are not supported.*Untie"):
+    model.blocks[0].ln2.weight = model.blocks[0].ln1.weight  # both [d]
+    with pytest.raises(ValueError, match=r"blocks\.0\.ln1 and blocks\.0\.ln2 share it.*Untie"):
         private(model)
 
 

@@ -1,6 +1,6 @@
 """Every kernel masks its memory accesses (issue 7). The interpreter, like the GPU, does not
 check bounds: an unmasked store past a tensor's end silently overwrites whatever lies there
-(DESIGN.md §4). So each kernel family runs here, at sizes that are not multiples of its block
+(docs/design.md §4). So each kernel family runs here, at sizes that are not multiples of its block
 sizes, with
 
 - every tensor the launcher allocates for the kernel to write (outputs, partial sums, the
@@ -193,20 +193,17 @@ def test_norm_affine_kernels_mask_every_access(guarded):
     guarded.assert_guards_intact(3)
 
 
-def test_embedding_kernels_mask_every_access(guarded):
-    """ids are guarded by -7 (an id never written through, but an unmasked load would pull it
-    into the token-equality mask or scatter rows out of range)."""
+def test_embedding_kernel_masks_every_access(guarded):
+    """ids are guarded by -7 (an id never written through, but an unmasked load would scatter
+    rows out of range)."""
     ids = torch.randint(0, 11, (3, 37), generator=torch.Generator().manual_seed(8))
     g = randn(3, 37, 133, seed=9)
     c = torch.tensor([0.0, 0.5, 1.0])
-    got = small_layers.embedding_grad_sq_norms(in_nan_buffer(ids), in_nan_buffer(g),
-                                               padding_idx=2)  # fmt: skip
-    assert_close_to_twin(got, reference.embedding_grad_sq_norms(ids, g, padding_idx=2))
     noise = dict(noise_std=0.2, scale=0.5, seed=2**90, padding_idx=2)
     got = small_layers.embedding_clipped_grad_sum(
         in_nan_buffer(ids), in_nan_buffer(g), in_nan_buffer(c), 11, **noise)
     assert_close_to_twin(got, reference.embedding_clipped_grad_sum(ids, g, c, 11, **noise))
-    guarded.assert_guards_intact(3)
+    guarded.assert_guards_intact(2)  # the scatter's workspace and the result
 
 
 # ---------------------------------------------------------------- attention

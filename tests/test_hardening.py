@@ -1,5 +1,6 @@
-"""Hardening (issue 7): the 128-bit noise key reaches Philox whole (kernel and twin), secure_mode
-(kernel == twin, the stated distribution, the grid, the engine option), the engine never draws
+"""Hardening (issue 7): the 128-bit noise key reaches Philox whole (kernel and twin), noised
+kernels equal their twins in both modes, secure_mode (the stated distribution, the grid, the
+engine option), the engine never draws
 noise from torch's global generator nor keeps the key, and failures: non-finite examples,
 a crash after accounting, out of memory in the backward pass.
 
@@ -36,39 +37,39 @@ KAT_OUTPUT = (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
 
 
 def box_muller_fp64(words):
-    """Four normals from four Philox words, Triton's uint_to_uniform_float and
-    pair_uniform_to_normal, in float64 (an oracle independent of the code under test)."""
-
-    def uniform(x):
-        return (x if x < 2**31 else 2**32 - 1 - x) * 4.6566127342e-10
-
-    out = []
-    for x, y in (words[:2], words[2:]):
-        radius = math.sqrt(-2.0 * math.log(max(uniform(x), 1.0e-7)))
-        theta = 2.0 * math.pi * uniform(y)
-        out += [radius * math.cos(theta), radius * math.sin(theta)]
-    return torch.tensor(out, dtype=torch.float64)
+    """The two normals of four Philox words by the rule in reference.py, in float64 (an oracle
+    independent of the code under test): radius from (w1·2^32 + w2 + 1/2)/2^64, angle from w3."""
+    w1, w2, w3, _ = words
+    radius = math.sqrt(-2.0 * math.log((w1 * 2**32 + w2 + 0.5) / 2**64))
+    theta = 2.0 * math.pi * (w3 + 0.5) / 2**32
+    return torch.tensor([radius * math.cos(theta), radius * math.sin(theta)], dtype=torch.float64)
 
 
 @triton.jit(do_not_specialize=["key", "nonce_lo", "nonce_hi"])
-def _normals_kernel(out_ptr, counters_ptr, N, key, nonce_lo, nonce_hi, BLOCK: tl.constexpr):
+def _philox_kernel(words_ptr, normals_ptr, counters_ptr, N, key, nonce_lo, nonce_hi,
+                   BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     counters = tl.load(counters_ptr + offs, mask=mask, other=0)
-    z1, z2, z3, z4 = clipped_sum.gaussian4x(key, nonce_lo, nonce_hi, counters)
-    tl.store(out_ptr + offs, z1, mask=mask)
-    tl.store(out_ptr + N + offs, z2, mask=mask)
-    tl.store(out_ptr + 2 * N + offs, z3, mask=mask)
-    tl.store(out_ptr + 3 * N + offs, z4, mask=mask)
+    w1, w2, w3, w4 = clipped_sum.philox_words(key, nonce_lo, nonce_hi, counters)
+    tl.store(words_ptr + offs, w1.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(words_ptr + N + offs, w2.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(words_ptr + 2 * N + offs, w3.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(words_ptr + 3 * N + offs, w4.to(tl.int32, bitcast=True), mask=mask)
+    z1, z2 = clipped_sum.gaussian2x(key, nonce_lo, nonce_hi, counters)
+    tl.store(normals_ptr + offs, z1, mask=mask)
+    tl.store(normals_ptr + N + offs, z2, mask=mask)
 
 
-def kernel_normals(key: int, counters: torch.Tensor) -> torch.Tensor:
-    """[4, N] normals of the kernels' gaussian4x for a 128-bit key."""
-    out = torch.empty(4, counters.numel(), dtype=torch.float32)
-    _normals_kernel[(1,)](out, counters, counters.numel(),
-                          *clipped_sum.noise_args(key, 1.0, False)[:3],
-                          BLOCK=triton.next_power_of_2(counters.numel()))  # fmt: skip
-    return out
+def kernel_philox(key: int, counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' Philox words [4, N] (as uint32 values in int64) and normals [2, N] for a
+    128-bit key: philox_words and gaussian2x."""
+    words = torch.empty(4, counters.numel(), dtype=torch.int32)
+    normals = torch.empty(2, counters.numel(), dtype=torch.float32)
+    _philox_kernel[(1,)](words, normals, counters, counters.numel(),
+                         *clipped_sum.noise_args(key, 1.0, False)[:3],
+                         BLOCK=triton.next_power_of_2(counters.numel()))  # fmt: skip
+    return words.long() & 0xFFFFFFFF, normals
 
 
 # ---------------------------------------------------------------- the 128-bit key
@@ -77,16 +78,20 @@ def kernel_normals(key: int, counters: torch.Tensor) -> torch.Tensor:
 def test_key_words_reach_philox_known_answer():
     """The known-answer vector through the 128-bit key layout: key = nonce·2^64 + Philox key,
     counter words (c0, c1) = the element counter, (c2, c3) = the nonce. Kernel and twin give the
-    normals of the vector's output words, so all 128 bits and all four counter words are used."""
+    vector's output words exactly, and their normals, so all 128 bits and all four counter words
+    are used."""
     c0, c1, c2, c3 = KAT_COUNTER
     key = (c3 << 96) | (c2 << 64) | (KAT_KEY[1] << 32) | KAT_KEY[0]
     counter = (c1 << 32) | c0  # >= 2^63: the int64 with its bit pattern
     counters = torch.tensor([counter - 2**64 if counter >= 2**63 else counter])
+    kernel_words, kernel_normals = kernel_philox(key, counters)
+    twin_words = torch.stack(reference.philox4x32(key, counters))
+    assert twin_words.flatten().tolist() == list(KAT_OUTPUT)
+    assert kernel_words.flatten().tolist() == list(KAT_OUTPUT)
     want = box_muller_fp64(KAT_OUTPUT)
-    twin = torch.stack(reference.philox_randn4x(key, counters)).flatten().double()
-    kernel = kernel_normals(key, counters).flatten().double()
+    twin = torch.stack(reference.philox_normals(key, counters)).flatten().double()
     torch.testing.assert_close(twin, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kernel, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel_normals.flatten().double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("secure_mode", [False, True])
@@ -110,12 +115,15 @@ def test_every_key_bit_changes_the_noise(secure_mode):
 
 
 def test_large_counters_and_key_agree_between_kernel_and_twin():
-    """Counters above 2^32 (the high counter word) and random 128-bit keys: kernel == twin."""
+    """Counters above 2^32 (the high counter word) and random 128-bit keys: the kernel's Philox
+    words equal the twin's bit for bit, its normals the twin's up to float32 rounding."""
     gen = torch.Generator().manual_seed(5)
     counters = torch.randint(0, 2**62, (200,), generator=gen, dtype=torch.int64)
     for key in (3, 2**64 - 1, 2**64, 2**128 - 1, 0x5DEECE66_0000FFFF_12345678_9ABCDEF0):
-        twin = torch.stack(reference.philox_randn4x(key, counters))
-        torch.testing.assert_close(kernel_normals(key, counters), twin, rtol=1e-5, atol=1e-5)
+        words, normals = kernel_philox(key, counters)
+        assert torch.equal(words, torch.stack(reference.philox4x32(key, counters)))
+        twin = torch.stack(reference.philox_normals(key, counters))
+        torch.testing.assert_close(normals, twin, rtol=1e-5, atol=1e-5)
 
 
 def test_seed_none_takes_128_fresh_bits(monkeypatch):
@@ -135,14 +143,14 @@ def test_seed_none_takes_128_fresh_bits(monkeypatch):
 # ---------------------------------------------------------------- secure_mode
 
 
-def secure_calls(seed):
-    """(name, kernel result, twin result) of every noised function in secure_mode."""
+def noised_calls(seed, secure_mode=True):
+    """(name, kernel result, twin result) of every noised function."""
     gen = torch.Generator().manual_seed(11)
     a, g = torch.randn(3, 5, 37, generator=gen), torch.randn(3, 5, 21, generator=gen)
     c = torch.rand(3, generator=gen)
     x_hat, g_n = torch.randn(3, 4, 19, generator=gen), torch.randn(3, 4, 19, generator=gen)
     ids = torch.randint(0, 9, (3, 4), generator=gen)
-    noise = dict(noise_std=0.7, scale=1.0, seed=seed, secure_mode=True)
+    noise = dict(noise_std=0.7, scale=1.0, seed=seed, secure_mode=secure_mode)
     return [
         ("clipped_grad_sum", clipped_sum.clipped_grad_sum(a, g, c, **noise),
          reference.clipped_grad_sum(a, g, c, **noise)),
@@ -155,8 +163,8 @@ def secure_calls(seed):
          (small_layers.embedding_clipped_grad_sum(ids, g_n, c, 9, padding_idx=2, **noise),),
          (reference.embedding_clipped_grad_sum(ids, g_n, c, 9, padding_idx=2, **noise),)),
         ("add_gaussian_noise_",
-         (clipped_sum.add_gaussian_noise_(a.clone(), 0.7, seed=seed, secure_mode=True),),
-         (reference.add_gaussian_noise_(a.clone(), 0.7, seed=seed, secure_mode=True),)),
+         (clipped_sum.add_gaussian_noise_(a.clone(), 0.7, seed=seed, secure_mode=secure_mode),),
+         (reference.add_gaussian_noise_(a.clone(), 0.7, seed=seed, secure_mode=secure_mode),)),
     ]  # fmt: skip
 
 
@@ -166,10 +174,19 @@ def test_secure_mode_kernels_equal_twins_bit_exact_on_the_grid():
     secure_noise_grid(0.7) = 0.25."""
     grid = reference.secure_noise_grid(0.7)
     assert grid == 0.25
-    for name, kernel, twin in secure_calls(seed=2**100 + 77):
+    for name, kernel, twin in noised_calls(seed=2**100 + 77):
         for got, want in zip(kernel, twin, strict=True):
             assert torch.equal(got, want), name
             assert torch.equal(torch.remainder(got, grid), torch.zeros_like(got)), name
+
+
+def test_default_mode_kernels_equal_twins():
+    """Without secure_mode every noised kernel equals its twin up to float32 rounding (the
+    same counters, lanes and normals), and does not round to the grid."""
+    for name, kernel, twin in noised_calls(seed=2**100 + 77, secure_mode=False):
+        for got, want in zip(kernel, twin, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+            assert torch.remainder(got, reference.secure_noise_grid(0.7)).any(), name
 
 
 def test_secure_noise_grid_bounds():
@@ -193,7 +210,7 @@ def test_secure_noise_has_the_stated_distribution(std):
     noise has std `std`; after it the kernel's values fit the rounded normal (chi-square over
     the grid cells, tails pooled) and their variance is in [std², std²·(1 + 1/48)]."""
     n = 100_000
-    raw = reference.released_noise(2**90 + 1, 1, n, std=std, secure_mode=True).double()
+    raw = reference.released_noise(2**90 + 1, 1, n, std=std).double()
     assert abs(raw.square().mean().item() / std**2 - 1) < SIGMAS * math.sqrt(2 / n)
     released = clipped_sum.add_gaussian_noise_(
         torch.zeros(n), std, seed=2**90 + 1, secure_mode=True).double()

@@ -128,7 +128,7 @@ def _groups(per_example, style, tile, linear_layers):
 
 
 def clipped_sums(per_example, style: str, max_grad_norm: float, linear_layers=(), tile=None):
-    """Σ_i of the per-example gradients clipped per the style's definition (DESIGN.md §1):
+    """Σ_i of the per-example gradients clipped per the style's definition (docs/design.md §1):
     flat over the whole gradient; per-layer per DP layer at C/√K; block per weight tile (with
     its bias slice) and per small layer, at C/√K over all groups. linear_layers: names of the
     nn.Linear modules (block style)."""

@@ -12,17 +12,22 @@ model on dp_attn's attention without the engine. Preparing a model, in place:
   `attention_mask` with right padding becomes per-example `key_lengths`. What flash attention
   cannot express is refused with a ValueError, never approximated: left padding (use
   `tokenizer.padding_side = "right"`), 4-D or custom masks, sliding windows, packed sequences,
-  logit soft-capping, attention sinks, and attention dropout (build the model with its
-  attention-dropout probability at 0: `attn_pdrop` for GPT-2, `attention_probs_dropout_prob`
-  for BERT, `attention_dropout` for LLaMA). Head dims must be 16, 32, 64, 128 or 256.
+  logit soft-capping and attention sinks. Any head dim from 1 to 256.
+- attention dropout and sliding windows are refused here, at preparation (so by make_private,
+  not at the first training forward), naming the config field that asks for them: build or
+  load the model with it at 0.0 (`attn_pdrop` for GPT-2, whose default is 0.1;
+  `attention_probs_dropout_prob` for BERT, RoBERTa and ViT; `attention_dropout` for the LLaMA
+  family, GPT-NeoX and DistilBERT), and with `sliding_window=None` (Mistral's default is 4096;
+  a window no shorter than the training sequences is full causal attention).
 - GPT-2's Conv1D becomes dp_attn.nn.DPConv1D and the LLaMA family's RMSNorm (LlamaRMSNorm and
   its exact copies: MistralRMSNorm, Qwen2RMSNorm, ...) becomes DPRMSNorm, in place, with the
   same Parameters (the engine then converts nn.Linear, nn.LayerNorm and nn.Embedding).
 - learned position embeddings (GPT-2's wpe, BERT's position_embeddings) get position ids with
   one row per example: transformers passes a single row [1, T] broadcast over the batch,
   whose gradient arrives already summed over the examples.
-- tied input/output embeddings that are trainable are refused with how to untie them (a tied
-  weight's per-example gradient is the sum over its two uses, which the engine does not form).
+- tied input/output embeddings (tie_word_embeddings, the default of GPT-2, LLaMA-3.2, Qwen2.5,
+  Gemma and T5) need nothing here: the engine clips the shared weight's per-example gradient,
+  the sum over its two uses, with their cross term (dp_attn.nn.group_sq_bounds).
 
 For a correct privacy guarantee the loss must be a sum or mean over per-example losses
 (make_private's loss_reduction). The `labels=` loss of transformers' causal-LM heads divides by
@@ -117,7 +122,9 @@ def flash_attention_mask(
         raise ValueError(
             f"dp_attn attention supports causal and bidirectional masks with right padding, but "
             f"the model asked for the mask pattern {name} (sliding window, packed sequences or "
-            "a custom mask overlay), which flash attention cannot express"
+            "a custom mask overlay), which flash attention cannot express. A sliding window at "
+            "least as long as the training sequences is full causal attention: build or load "
+            "the model with sliding_window=None (e.g. Mistral, whose default is 4096)"
         )
     q_offset, kv_offset = int(q_offset), int(kv_offset)
     if kv_offset != 0 or (causal and q_offset + q_length != kv_length):
@@ -197,13 +204,14 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
 
 def prepare_model(model: nn.Module) -> nn.Module:
     """Prepare the transformers models inside `model` (itself, or e.g. a PeftModel around one)
-    for dp_attn, in place, and return `model`: refuse trainable tied embeddings, select the
-    "dp_attn" attention implementation, convert Conv1D and LLaMA-family RMSNorm layers to DP
-    layers with the same Parameters, and give learned position embeddings per-example position
-    ids. Idempotent; make_private calls it."""
+    for dp_attn, in place, and return `model`: refuse configs asking for attention dropout or
+    sliding windows, select the "dp_attn" attention implementation, convert Conv1D and
+    LLaMA-family RMSNorm layers to DP layers with the same Parameters, and give learned
+    position embeddings per-example position ids. Idempotent; make_private calls it."""
     pretrained = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
     for m in pretrained:
-        _check_untied(model, m)
+        _check_no_attention_dropout(m)
+        _check_no_sliding_window(m)
     _set_attention(pretrained)
     for m in model.modules():
         if type(m) is Conv1D:
@@ -221,26 +229,41 @@ def prepare_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_untied(root: nn.Module, m: PreTrainedModel) -> None:
-    inputs = m.get_input_embeddings()
-    try:
-        outputs = m.get_output_embeddings()
-    except NotImplementedError:
+# Config fields that set the dropout on attention probabilities, across families.
+_ATTENTION_DROPOUT_FIELDS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")
+
+
+def _check_no_attention_dropout(m: PreTrainedModel) -> None:
+    """Refuse a config that asks for attention dropout, whatever the module's mode: models come
+    out of from_pretrained in eval mode and are switched to train() inside the training loop,
+    where the attention function would otherwise refuse it at the first forward."""
+    config = m.config
+    for field in _ATTENTION_DROPOUT_FIELDS:
+        p = getattr(config, field, None)
+        if isinstance(p, (int, float)) and p > 0:
+            raise ValueError(
+                f"{type(m).__name__}: its config asks for attention dropout ({field}={p}), "
+                "which dp_attn's flash attention does not implement. Build or load the model "
+                f"with {field}=0.0: {type(config).__name__}(..., {field}=0.0) or "
+                f"from_pretrained(name, {field}=0.0) (setting it on model.config afterwards is "
+                "too late: the attention layers read it when they are built). Dropout elsewhere "
+                "(residual, embeddings, MLP) is supported"
+            )
+
+
+def _check_no_sliding_window(m: PreTrainedModel) -> None:
+    """Refuse a config whose attention uses a sliding window (Mistral's default is 4096 keys),
+    here rather than at the first forward, where the mask builder would."""
+    config = m.config
+    window = getattr(config, "sliding_window", None)
+    if window is None or not getattr(config, "use_sliding_window", True):
         return
-    if outputs is None or inputs is None or outputs.weight is not inputs.weight:
-        return
-    if not inputs.weight.requires_grad:
-        return  # frozen (e.g. under LoRA): nothing to privatise
-    names = {id(mod): name for name, mod in root.named_modules()}
-    out_name, in_name = names[id(outputs)], names[id(inputs)]
     raise ValueError(
-        f"{type(m).__name__}: the output embedding {out_name}.weight is tied to the input "
-        f"embedding {in_name}.weight (tie_word_embeddings). A tied weight's per-example gradient "
-        "is the sum over its two uses, which the engine does not form. Build the model untied "
-        "(tie_word_embeddings=False in its config), or untie a pretrained one before creating "
-        f"the optimizer: model.{out_name}.weight = nn.Parameter(model.get_input_embeddings()"
-        ".weight.detach().clone()); model.config.tie_word_embeddings = False. Or freeze the "
-        "embeddings (requires_grad_(False))"
+        f"{type(m).__name__}: its config asks for sliding-window attention "
+        f"(sliding_window={window}), which dp_attn's flash attention does not implement. A "
+        "window at least as long as the training sequences is full causal attention: build or "
+        f"load the model with sliding_window=None ({type(config).__name__}(..., "
+        "sliding_window=None) or from_pretrained(name, sliding_window=None))"
     )
 
 

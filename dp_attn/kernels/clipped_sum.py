@@ -11,10 +11,10 @@ tiles are too few to fill the GPU, the examples are split over several programs 
 fp32 partial sums are added by the noise kernel.
 
 Noise: Philox-4x32-10 keyed by the 128-bit noise_key(seed) (64 bits of key, 64 bits in the
-counter words the offsets leave free), Box-Muller as tl.randn4x, by the rule documented in
-reference.py (reference.released_noise is its twin). One Philox call yields four normals, so
-the epilogue costs a quarter of what tl.randn per element would; secure_mode sums two normals
-per element and rounds the result to a grid (twice the Philox work, one floor).
+counter words the offsets leave free), then Box-Muller with a 64-bit uniform for the radius, so
+the tails are not truncated at tl.randn's 5.68 standard deviations; by the rule documented in
+reference.py (reference.released_noise is its twin). One Philox call yields two normals;
+secure_mode draws the same normals and rounds the noised value to a grid (one floor more).
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import BLOCK_CLIP_TILE, noise_lanes, secure_noise_grid
-from .utils import interpreting, noise_key
+from .reference import BELOW_ONE, BLOCK_CLIP_TILE, NOISE_LANES, TWO_PI_POW_M32, secure_noise_grid
+from .utils import checked_grid, interpreting, noise_key
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
+TWO_POW_M32 = tl.constexpr(2.0**-32)
+TWO_POW_M64 = tl.constexpr(2.0**-64)
+U_MAX = tl.constexpr(BELOW_ONE)
+ANGLE_PER_WORD = tl.constexpr(TWO_PI_POW_M32)
 
 
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
@@ -51,79 +55,134 @@ def dot_acc(x, y, acc, DOT_FP32: tl.constexpr):
 
 
 def noise_args(key: int, noise_std: float, secure_mode: bool) -> tuple:
-    """The noise epilogue's scalar kernel arguments (key, nonce_lo, nonce_hi, lane_std, grid,
+    """The noise epilogue's scalar kernel arguments (key, nonce_lo, nonce_hi, noise_std, grid,
     inv_grid) for a 128-bit noise key: the Philox key as a signed 64-bit integer and the nonce
-    as two signed 32-bit words (fixed integer types whatever the values); the std of each summed
-    normal (noise_std·√½ in secure_mode) and secure_mode's grid and its inverse (powers of two)."""
+    as two signed 32-bit words (fixed integer types whatever the values); the noise std, and
+    secure_mode's grid and its inverse (powers of two; 1 without secure_mode, unused)."""
 
     def signed(value: int, bits: int) -> int:
         return value - (1 << bits) if value >> (bits - 1) else value
 
     low, nonce = key & (2**64 - 1), key >> 64
     words = (signed(nonce & 0xFFFFFFFF, 32), signed(nonce >> 32, 32))
-    if not secure_mode:
-        return signed(low, 64), *words, noise_std, 1.0, 1.0
-    grid = secure_noise_grid(noise_std) if noise_std > 0 else 1.0
-    return signed(low, 64), *words, noise_std * 0.7071067811865476, grid, 1.0 / grid
+    grid = secure_noise_grid(noise_std) if secure_mode and noise_std > 0 else 1.0
+    return signed(low, 64), *words, noise_std, grid, 1.0 / grid
 
 
 @triton.jit
-def gaussian4x(key, nonce_lo, nonce_hi, counters):
-    """Four normals per int64 counter: Philox-4x32-10 on the counter words (counter low, counter
-    high, nonce_lo, nonce_hi) under the 64-bit key, then Box-Muller, as tl.randn4x does (which
-    is this with a zero nonce)."""
+def philox_words(key, nonce_lo, nonce_hi, counters):
+    """The four uint32 words of Philox-4x32-10 on the counter words (counter low, counter high,
+    nonce_lo, nonce_hi) under the 64-bit key: tl.randint4x(key, counters) for a zero nonce."""
     c0 = counters.to(tl.uint32)
     c1 = (counters >> 32).to(tl.uint32)
     c2 = c0 * 0 + nonce_lo.to(tl.uint32, bitcast=True)
     c3 = c0 * 0 + nonce_hi.to(tl.uint32, bitcast=True)
-    i1, i2, i3, i4 = tl.philox(key, c0, c1, c2, c3)
-    z1, z2 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
-    z3, z4 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i3), tl.uint_to_uniform_float(i4))
-    return z1, z2, z3, z4
+    return tl.philox(key, c0, c1, c2, c3)
 
 
 @triton.jit
-def noise_epilogue(acc, rows, col0, width, base, key, nonce_lo, nonce_hi, lane_std, grid,
-                   inv_grid, scale, HAS_NOISE: tl.constexpr, SECURE: tl.constexpr):
-    """scale·(acc + noise) for the tile acc [R, C] at `rows` and columns col0 .. col0+C (col0 a
-    multiple of 4) of a released tensor of row length `width`, by the rule in reference.py.
+def box_muller(w1, w2, w3):
+    """Two N(0, 1) from three uint32 words by the rule in reference.py: radius from the 64-bit
+    uniform (w1·2^32 + w2 + 1/2)/2^64, never 0, so the tail reaches 9.49 (tl.randn's
+    uint_to_uniform_float and pair_uniform_to_normal floor u at 1e-7: 5.68); angle from w3."""
+    u = w1.to(tl.float32) * TWO_POW_M32 + (w2.to(tl.float32) + 0.5) * TWO_POW_M64  # exact products
+    radius = tl.sqrt(-2.0 * tl.log(tl.minimum(u, U_MAX)))  # u = 1 would be radius 0: no noise
+    theta = (w3.to(tl.float32) + 0.5) * ANGLE_PER_WORD
+    return radius * tl.cos(theta), radius * tl.sin(theta)
 
-    Default: z(r, k) is lane k % 4 of the normals of counter base + r·⌈width/4⌉ + k // 4, times
-    lane_std. SECURE: lanes k % 2 and 2 + k % 2 of counter base + r·⌈width/2⌉ + k // 2, each
-    times lane_std, summed; then acc + noise is rounded to a multiple of `grid`.
+
+@triton.jit
+def gaussian2x(key, nonce_lo, nonce_hi, counters):
+    """The two normals of each int64 counter under the 128-bit key (Philox key, nonce words)."""
+    w1, w2, w3, _ = philox_words(key, nonce_lo, nonce_hi, counters)
+    return box_muller(w1, w2, w3)
+
+
+@triton.jit
+def noised(acc, rows, col0, width, base, key, nonce_lo, nonce_hi, noise_std, grid, inv_grid,
+           SECURE: tl.constexpr):
+    """acc + noise (rounded to `grid` when SECURE) for the tile acc [R, C] at `rows` and
+    columns col0 .. col0+C (col0 even), by the rule in reference.py."""
+    R: tl.constexpr = acc.shape[0]
+    C: tl.constexpr = acc.shape[1]
+    counters = (base + rows.to(tl.int64)[:, None] * tl.cdiv(width, 2)
+                + (col0 // 2 + tl.arange(0, C // 2))[None, :])
+    z1, z2 = gaussian2x(key, nonce_lo, nonce_hi, counters)
+    # [R, C/2, 2] -> [R, C]: column 2q + u is lane u of counter q.
+    acc += tl.join(z1, z2).reshape(R, C) * noise_std
+    if SECURE:
+        acc = tl.floor(acc * inv_grid + 0.5) * grid
+    return acc
+
+
+@triton.jit
+def column_halves(acc):
+    """acc [R, C] as its columns 0 .. C/2 and C/2 .. C."""
+    R: tl.constexpr = acc.shape[0]
+    C: tl.constexpr = acc.shape[1]
+    return tl.split(acc.reshape(R, 2, C // 2).permute(0, 2, 1))
+
+
+@triton.jit
+def joined_halves(left, right):
+    """column_halves' inverse."""
+    R: tl.constexpr = left.shape[0]
+    C: tl.constexpr = 2 * left.shape[1]
+    return tl.join(left, right).permute(0, 2, 1).reshape(R, C)
+
+
+@triton.jit
+def noised_by_halves(acc, rows, col0, width, base, key, nonce_lo, nonce_hi, noise_std, grid,
+                     inv_grid, SECURE: tl.constexpr):
+    """noised, on the two column halves of acc one after the other."""
+    C: tl.constexpr = acc.shape[1]
+    left, right = column_halves(acc)
+    left = noised(left, rows, col0, width, base, key, nonce_lo, nonce_hi, noise_std, grid,
+                  inv_grid, SECURE)
+    right = noised(right, rows, col0 + C // 2, width, base, key, nonce_lo, nonce_hi, noise_std,
+                   grid, inv_grid, SECURE)
+    return joined_halves(left, right)
+
+
+@triton.jit
+def noise_epilogue(acc, rows, col0, width, base, key, nonce_lo, nonce_hi, noise_std, grid,
+                   inv_grid, scale, HAS_NOISE: tl.constexpr, SECURE: tl.constexpr):
+    """scale·(acc + noise) for the tile acc [R, C] at `rows` and columns col0 .. col0+C (col0
+    even) of a released tensor of row length `width`, by the rule in reference.py: z(r, k) is
+    lane k % 2 of the normals of counter base + r·⌈width/2⌉ + k // 2, times noise_std; SECURE
+    then rounds acc + noise to a multiple of `grid`.
     """
     if HAS_NOISE:
-        R: tl.constexpr = acc.shape[0]
         C: tl.constexpr = acc.shape[1]
-        if SECURE:
-            counters = (base + rows.to(tl.int64)[:, None] * tl.cdiv(width, 2)
-                        + (col0 // 2 + tl.arange(0, C // 2))[None, :])
-            z1, z2, z3, z4 = gaussian4x(key, nonce_lo, nonce_hi, counters)
-            # [R, C/2, 2] -> [R, C]: column 2q + u is the sum of lanes u and 2 + u of counter q.
-            noise = tl.join(lane_std * z1 + lane_std * z3, lane_std * z2 + lane_std * z4)
-            acc += noise.reshape(R, C)
-            acc = tl.floor(acc * inv_grid + 0.5) * grid
+        if C >= 8:
+            # The four column quarters one after the other: a quarter of the tile's Philox
+            # states live at a time (all at once, 64 elements per thread spilled).
+            left, right = column_halves(acc)
+            left = noised_by_halves(left, rows, col0, width, base, key, nonce_lo, nonce_hi,
+                                    noise_std, grid, inv_grid, SECURE)
+            right = noised_by_halves(right, rows, col0 + C // 2, width, base, key, nonce_lo,
+                                     nonce_hi, noise_std, grid, inv_grid, SECURE)
+            acc = joined_halves(left, right)
         else:
-            counters = (base + rows.to(tl.int64)[:, None] * tl.cdiv(width, 4)
-                        + (col0 // 4 + tl.arange(0, C // 4))[None, :])
-            z1, z2, z3, z4 = gaussian4x(key, nonce_lo, nonce_hi, counters)
-            # [R, C/4, 2, 2] -> [R, C]: column 4q + 2v + u is lane 2v + u of counter q.
-            z = tl.join(tl.join(z1, z3), tl.join(z2, z4)).reshape(R, C)
-            acc += z * lane_std
+            acc = noised(acc, rows, col0, width, base, key, nonce_lo, nonce_hi, noise_std, grid,
+                         inv_grid, SECURE)
     return acc * scale
 
 
 @triton.jit(do_not_specialize=["key", "nonce_lo", "nonce_hi"])
 def _noise_kernel(
-    src_ptr, dst_ptr, R, W, N_SPLITS, SPLIT_STRIDE, key, nonce_lo, nonce_hi, lane_std, grid,
+    src_ptr, dst_ptr, R, W, N_SPLITS, SPLIT_STRIDE, key, nonce_lo, nonce_hi, noise_std, grid,
     inv_grid, base, scale, HAS_NOISE: tl.constexpr, SECURE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """dst[r, k] = scale·(Σ_s src[s, r, k] + noise(r, k)) for dst [R, W] contiguous and
     src[s] [R, W] contiguous at s·SPLIT_STRIDE. dst may be src (in place, one split): each
-    element is read before it is written."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    col0 = tl.program_id(1) * BLOCK_W
+    element is read before it is written. One axis of programs, column blocks fastest (see
+    noise_grid)."""
+    col_blocks = tl.cdiv(W, BLOCK_W)
+    pid = tl.program_id(0)
+    rows = (pid // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col0 = (pid % col_blocks) * BLOCK_W
     cols = col0 + tl.arange(0, BLOCK_W)
     offsets = rows.to(tl.int64)[:, None] * W + cols[None, :]
     mask = (rows[:, None] < R) & (cols[None, :] < W)
@@ -131,9 +190,22 @@ def _noise_kernel(
     for _ in range(0, N_SPLITS):
         acc += tl.load(src_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         src_ptr += SPLIT_STRIDE
-    acc = noise_epilogue(acc, rows, col0, W, base, key, nonce_lo, nonce_hi, lane_std, grid,
+    acc = noise_epilogue(acc, rows, col0, W, base, key, nonce_lo, nonce_hi, noise_std, grid,
                          inv_grid, scale, HAS_NOISE, SECURE)
     tl.store(dst_ptr + offsets, acc.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+# 16 elements of a 4096-element tile per thread: with 4 warps (32) the noised kernel spilled
+# 4-12 B on sm_80 and sm_90a, around the slow path of sin/cos's range reduction.
+NOISE_WARPS = 8
+
+
+def noise_grid(rows: int, width: int) -> tuple[tuple[int], int, int]:
+    """(grid, BLOCK_R, BLOCK_W) of _noise_kernel on [rows, width]: tiles of about 4096
+    elements, all on axis x (a single wide row would pass axis y's 65,535 at 2**28 elements)."""
+    block_r = 1 if rows == 1 else 16
+    block_w = max(16, min(4096 // block_r, triton.next_power_of_2(width)))
+    return checked_grid(triton.cdiv(rows, block_r) * triton.cdiv(width, block_w)), block_r, block_w
 
 
 def finish_with_noise(src, dst, *, noise_std, scale, key, base=0, secure_mode=False):
@@ -142,13 +214,12 @@ def finish_with_noise(src, dst, *, noise_std, scale, key, base=0, secure_mode=Fa
     rows, width = (1, dst.numel()) if dst.dim() < 2 else dst.shape
     if dst.numel() == 0:
         return dst
-    block_r = 1 if rows == 1 else 16
-    block_w = max(16, min(4096 // block_r, triton.next_power_of_2(width)))
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(width, block_w))
+    grid, block_r, block_w = noise_grid(rows, width)
     _noise_kernel[grid](
         src, dst, rows, width, src.shape[0], src.stride(0),
         *noise_args(key, noise_std, secure_mode), base, scale,
         HAS_NOISE=noise_std > 0, SECURE=secure_mode, BLOCK_R=block_r, BLOCK_W=block_w,
+        num_warps=NOISE_WARPS,
     )
     return dst
 
@@ -165,9 +236,9 @@ def add_gaussian_noise_(x, std, *, seed=None, secure_mode=False):
     return x if work is x else x.copy_(work)
 
 
-def bias_noise_base(dout: int, din: int, secure_mode: bool) -> int:
-    """First Philox counter of a linear layer's bias noise: after the weight's dout·⌈din/L⌉."""
-    return dout * triton.cdiv(din, noise_lanes(secure_mode))
+def bias_noise_base(dout: int, din: int) -> int:
+    """First Philox counter of a linear layer's bias noise: after the weight's dout·⌈din/2⌉."""
+    return dout * triton.cdiv(din, NOISE_LANES)
 
 
 def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
@@ -180,17 +251,17 @@ def _flatten_rows(x: torch.Tensor) -> torch.Tensor:
 
 @triton.autotune(
     configs=autotune_configs([
+        # The noised variants spilled (bench/compile_report.py) in [128, 128] with 4 warps
+        # (0.8-6.7 KB), [128, 64] and [64, 128] with 4 warps on sm_80 (12 B), and with 8 warps
+        # under triton 3.9 on sm_80 (16-36 B: ptxas stopped at 128 registers).
         triton.Config({"BLOCK_O": 128, "BLOCK_I": 128, "BLOCK_R": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_O": 128, "BLOCK_I": 64, "BLOCK_R": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_O": 64, "BLOCK_I": 128, "BLOCK_R": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_O": 128, "BLOCK_I": 128, "BLOCK_R": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_R": 64}, num_warps=4, num_stages=3),
     ]),
     key=["ROWS", "DIN", "DOUT", "HAS_NOISE", "SECURE"],
 )
 @triton.jit(do_not_specialize=["key", "nonce_lo", "nonce_hi"])
 def _clipped_sum_kernel(
-    a_ptr, g_ptr, c_ptr, w_ptr, b_ptr, ROWS, T, DIN, DOUT, key, nonce_lo, nonce_hi, lane_std,
+    a_ptr, g_ptr, c_ptr, w_ptr, b_ptr, ROWS, T, DIN, DOUT, key, nonce_lo, nonce_hi, noise_std,
     grid, inv_grid, BIAS_BASE, scale,
     HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, SECURE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -220,7 +291,7 @@ def _clipped_sum_kernel(
             g_t = (g_t * c[None, :]).to(x.dtype)
             acc = dot_acc(g_t, x, acc, DOT_FP32)
         acc = noise_epilogue(acc, cols_o, (pid % n_i) * BLOCK_I, DIN, 0, key, nonce_lo, nonce_hi,
-                             lane_std, grid, inv_grid, scale, HAS_NOISE, SECURE)
+                             noise_std, grid, inv_grid, scale, HAS_NOISE, SECURE)
         offsets = cols_o.to(tl.int64)[:, None] * DIN + cols_i[None, :]
         mask = (cols_o[:, None] < DOUT) & (cols_i[None, :] < DIN)
         tl.store(w_ptr + offsets, acc.to(w_ptr.dtype.element_ty), mask=mask)
@@ -236,9 +307,15 @@ def _clipped_sum_kernel(
                         mask=live & (cols_o[None, :] < DOUT), other=0.0)
             acc_b += tl.sum(g * c[:, None], axis=0)
         acc_b = noise_epilogue(acc_b[None, :], tl.arange(0, 1), (pid - n_weight_tiles) * BLOCK_O,
-                               DOUT, BIAS_BASE, key, nonce_lo, nonce_hi, lane_std, grid, inv_grid,
+                               DOUT, BIAS_BASE, key, nonce_lo, nonce_hi, noise_std, grid, inv_grid,
                                scale, HAS_NOISE, SECURE).reshape(BLOCK_O)
         tl.store(b_ptr + cols_o, acc_b.to(b_ptr.dtype.element_ty), mask=cols_o < DOUT)
+
+
+def clipped_sum_grid(dout: int, din: int, block_o: int, block_i: int, bias: bool) -> tuple[int]:
+    """_clipped_sum_kernel's grid: one program per weight tile, then one per bias block."""
+    tiles_o = triton.cdiv(dout, block_o)
+    return checked_grid(tiles_o * triton.cdiv(din, block_i) + (tiles_o if bias else 0))
 
 
 def clipped_grad_sum(
@@ -256,13 +333,12 @@ def clipped_grad_sum(
     bias_grad = torch.empty(dout, dtype=out_dtype, device=a.device) if bias else None
 
     def grid(meta):
-        tiles_o = triton.cdiv(dout, meta["BLOCK_O"])
-        return (tiles_o * triton.cdiv(din, meta["BLOCK_I"]) + (tiles_o if bias else 0),)
+        return clipped_sum_grid(dout, din, meta["BLOCK_O"], meta["BLOCK_I"], bias)
 
     _clipped_sum_kernel[grid](
         a2, g2, clip_factors.contiguous(), weight, weight if bias_grad is None else bias_grad,
         rows, seq_len, din, dout, *noise_args(key, noise_std, secure_mode),
-        bias_noise_base(dout, din, secure_mode), scale, HAS_BIAS=bias, HAS_NOISE=noise_std > 0,
+        bias_noise_base(dout, din), scale, HAS_BIAS=bias, HAS_NOISE=noise_std > 0,
         SECURE=secure_mode, DOT_FP32=dot_in_fp32(a.dtype),
     )
     return weight, bias_grad
@@ -273,16 +349,18 @@ def clipped_grad_sum(
 
 @triton.autotune(
     configs=autotune_configs([
-        # Two [128, 128] fp32 accumulators (the example's tile and the sum): 8 warps.
+        # Two [128, 128] fp32 accumulators (the example's tile and the sum): 8 warps, 255
+        # registers on sm_80. BLOCK_T 64, and BLOCK_T 32 with 3 stages, spilled there 4-28 B;
+        # 16 warps cap a thread at 128 registers and spilled more (bench/compile_report.py).
         triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=5),
+        triton.Config({"BLOCK_T": 16}, num_warps=8, num_stages=4),
     ]),
     key=["T", "DIN", "DOUT", "HAS_NOISE", "SECURE", "PARTIAL"],
 )
 @triton.jit(do_not_specialize=["key", "nonce_lo", "nonce_hi"])
 def _block_clipped_sum_kernel(
-    a_ptr, g_ptr, w_ptr, b_ptr, B, T, DIN, DOUT, threshold, key, nonce_lo, nonce_hi, lane_std,
+    a_ptr, g_ptr, w_ptr, b_ptr, B, T, DIN, DOUT, threshold, key, nonce_lo, nonce_hi, noise_std,
     grid, inv_grid, BIAS_BASE, scale,
     HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr, SECURE: tl.constexpr, PARTIAL: tl.constexpr,
     DOT_FP32: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -340,12 +418,12 @@ def _block_clipped_sum_kernel(
                 tl.store(b_ptr + split * DOUT + cols_o, acc_b, mask=cols_o < DOUT)
     else:
         acc = noise_epilogue(acc, cols_o, (tile % n_i) * BLOCK_I, DIN, 0, key, nonce_lo, nonce_hi,
-                             lane_std, grid, inv_grid, scale, HAS_NOISE, SECURE)
+                             noise_std, grid, inv_grid, scale, HAS_NOISE, SECURE)
         tl.store(w_ptr + offsets, acc.to(w_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             if first_column:
                 acc_b = noise_epilogue(acc_b[None, :], tl.arange(0, 1), (tile // n_i) * BLOCK_O,
-                                       DOUT, BIAS_BASE, key, nonce_lo, nonce_hi, lane_std,
+                                       DOUT, BIAS_BASE, key, nonce_lo, nonce_hi, noise_std,
                                        grid, inv_grid, scale, HAS_NOISE,
                                        SECURE).reshape(BLOCK_O)
                 tl.store(b_ptr + cols_o, acc_b.to(b_ptr.dtype.element_ty), mask=cols_o < DOUT)
@@ -373,7 +451,8 @@ def block_clipped_grad_sum(
     din, dout = a2.shape[1], g2.shape[1]
     block_o, block_i = BLOCK_CLIP_TILE
     num_tiles = triton.cdiv(dout, block_o) * triton.cdiv(din, block_i)
-    splits = block_clip_splits(num_tiles, batch, a.device)
+    grid = checked_grid(num_tiles, block_clip_splits(num_tiles, batch, a.device))
+    splits = grid[1]
     weight = torch.empty(dout, din, dtype=out_dtype, device=a.device)
     bias_grad = torch.empty(dout, dtype=out_dtype, device=a.device) if bias else None
     if splits > 1:
@@ -381,9 +460,9 @@ def block_clipped_grad_sum(
         b_dst = torch.zeros(splits, dout, dtype=torch.float32, device=a.device)
     else:
         w_dst, b_dst = weight, weight if bias_grad is None else bias_grad
-    _block_clipped_sum_kernel[(num_tiles, splits)](
+    _block_clipped_sum_kernel[grid](
         a2, g2, w_dst, b_dst, batch, seq_len, din, dout, threshold,
-        *noise_args(key, noise_std, secure_mode), bias_noise_base(dout, din, secure_mode), scale,
+        *noise_args(key, noise_std, secure_mode), bias_noise_base(dout, din), scale,
         HAS_BIAS=bias, HAS_NOISE=noise_std > 0, SECURE=secure_mode,
         PARTIAL=splits > 1, DOT_FP32=dot_in_fp32(a.dtype), BLOCK_O=block_o, BLOCK_I=block_i,
     )
@@ -391,6 +470,6 @@ def block_clipped_grad_sum(
         noise = dict(noise_std=noise_std, scale=scale, key=key, secure_mode=secure_mode)
         finish_with_noise(w_dst, weight, **noise)
         if bias:
-            finish_with_noise(b_dst, bias_grad, base=bias_noise_base(dout, din, secure_mode),
+            finish_with_noise(b_dst, bias_grad, base=bias_noise_base(dout, din),
                               **noise)
     return weight, bias_grad

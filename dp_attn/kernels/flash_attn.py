@@ -11,6 +11,11 @@ Tricks from Triton's fused-attention tutorial: exp2 with log2(e) folded into the
 key range of a query block split into blocks that need no mask (no causal, padding or length
 check) and the few that do (the causal diagonal and the last, partial block).
 
+Head dims: any D from 1 to 256. The kernels work on tiles BLOCK_D = padded_head_dim(D) wide
+(the next power of two, at least 16): the D real columns are loaded with a column mask, the
+padding columns read as 0 (exact for q·kᵀ and p·v) and are never stored; the softmax scale
+stays 1/sqrt(D). Power-of-two D ≥ 16 build no column mask at all.
+
 Masks: query i of example b sees key j iff j < key_lengths[b] and, when causal,
 j <= i + Tk - Tq (bottom-right alignment). A row that sees no key gets output 0 and its
 log-sum-exp is stored as +inf, so that every probability the backward recomputes for it is 0.
@@ -34,9 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dp_attn.kernels.utils import check_same, check_tensor, interpreting
+from dp_attn.kernels.utils import check_same, check_tensor, checked_grid, interpreting
 
-HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = 256
 KEY_LENGTH_DTYPES = (torch.int32, torch.int64)
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 # Row offsets inside one (example, head) slice are 32-bit in the kernels.
@@ -51,31 +56,33 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
-# Candidates per head dim for Hopper (H100): (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen
-# to compile for sm_90 without register spills (checked with ptxas) where possible.
+# Candidates per head dim (BLOCK_M, BLOCK_N, num_warps, num_stages) for Ampere and Hopper alike:
+# each 16-bit one compiles for sm_80 and sm_90a under triton 3.6 and 3.9 without register spills
+# and within shared memory (bench/compile_report.py; the numbers are in bench/results/compile/).
+# 4-warp tiles of 128 rows spill on sm_80 at D >= 64: those tiles take 8 warps there.
 # Forward: BLOCK_M query rows stay in registers, BLOCK_N keys stream through shared memory.
 _FWD_CANDIDATES = {
     16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)],
-    256: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+    64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+    128: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    256: [(64, 64, 8, 2)],
 }
 # dK/dV: BLOCK_N keys (and their fp32 dK, dV accumulators) stay resident, BLOCK_M queries stream.
 _DKDV_CANDIDATES = {
     16: [(32, 128, 8, 3), (32, 64, 4, 3), (16, 128, 4, 3)],
     32: [(32, 128, 8, 3), (32, 64, 4, 3), (16, 128, 4, 3)],
-    64: [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4)],
-    128: [(32, 64, 8, 3), (16, 128, 8, 3), (16, 128, 8, 4), (32, 128, 8, 3)],
-    256: [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 3), (16, 64, 8, 3)],
+    64: [(16, 128, 8, 3), (16, 64, 8, 3), (32, 32, 4, 3), (16, 64, 4, 3)],
+    128: [(16, 64, 8, 3), (16, 32, 4, 3)],
+    256: [(16, 32, 8, 2), (16, 32, 8, 3)],
 }
 # dQ: BLOCK_M queries (and their fp32 dQ accumulator) stay resident, BLOCK_N keys stream.
 _DQ_CANDIDATES = {
     16: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
     32: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    64: [(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 5), (64, 64, 4, 3)],
-    128: [(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-    256: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+    64: [(128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3)],
+    128: [(128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 8, 3), (64, 32, 4, 3)],
+    256: [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
 }
 # fp32 (tests, debugging) takes one small config per head dim: twice the bytes of 16-bit.
 _FP32_CANDIDATES = {
@@ -112,7 +119,7 @@ def _autotune(kernel: str, candidates: dict[int, list[tuple[int, int, int, int]]
         if interpreting():
             return configs
         fp32 = named_args["Q"].dtype == torch.float32
-        wanted = (fp32_candidates if fp32 else candidates)[{**named_args, **kwargs}["HEAD_DIM"]]
+        wanted = (fp32_candidates if fp32 else candidates)[{**named_args, **kwargs}["BLOCK_D"]]
         return [
             c for c in configs
             if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
@@ -135,6 +142,7 @@ def _fwd_inner(
     rows, offs_d, lo, hi, kv_len, causal_shift, qk_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs = k_base + (lo + offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd
@@ -142,10 +150,8 @@ def _fwd_inner(
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if MASK:
-            k = tl.load(k_ptrs, mask=cols[:, None] < kv_len, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        key_ok = cols < kv_len
+        k = _load_tile(k_ptrs, key_ok, offs_d, MASK, HEAD_DIM, BLOCK_D)
         qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=INPUT_PRECISION)
         if MASK:
             keep = cols[None, :] < kv_len
@@ -162,10 +168,7 @@ def _fwd_inner(
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASK:
-            v = tl.load(v_ptrs, mask=cols[:, None] < kv_len, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_tile(v_ptrs, key_ok, offs_d, MASK, HEAD_DIM, BLOCK_D)
         acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         m_i = m_ij
         k_ptrs += BLOCK_N * stride_kn
@@ -174,19 +177,46 @@ def _fwd_inner(
 
 
 @triton.jit
-def _load_rows(base, rows, row_ok, stride_row, stride_d, HEAD_DIM: tl.constexpr):
-    """The [rows, HEAD_DIM] tile of one head; rows past the sequence read as 0, never touched."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
-                   mask=row_ok[:, None], other=0.0)  # fmt: skip
+def _load_tile(ptrs, row_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):  # fmt: skip
+    """The [rows, BLOCK_D] tile at ptrs. Masked rows (row_ok false, when MASK_ROWS) and the
+    padding columns d >= HEAD_DIM read as 0 and are never touched; a head dim that is its own
+    block width needs no column mask, so none is built."""
+    if BLOCK_D == HEAD_DIM:
+        if MASK_ROWS:
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    else:
+        d_ok = offs_d[None, :] < HEAD_DIM
+        if MASK_ROWS:
+            tile = tl.load(ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=d_ok, other=0.0)
+    return tile
 
 
 @triton.jit
-def _store_rows(base, rows, row_ok, stride_row, stride_d, value, HEAD_DIM: tl.constexpr):
-    """Store a [rows, HEAD_DIM] tile of one head; rows past the sequence are not written."""
-    offs_d = tl.arange(0, HEAD_DIM)
+def _load_rows(base, rows, row_ok, stride_row, stride_d,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """The [rows, BLOCK_D] tile of one head; rows past the sequence and padding columns read as
+    0, never touched."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :] * stride_d
+    return _load_tile(ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _store_rows(base, rows, row_ok, stride_row, stride_d, value,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Store the first HEAD_DIM columns of a [rows, BLOCK_D] tile of one head; rows past the
+    sequence and padding columns are not written."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None]
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
     tl.store(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
-             value.to(base.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+             value.to(base.dtype.element_ty), mask=mask)  # fmt: skip
 
 
 @triton.jit
@@ -212,7 +242,8 @@ def _attn_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, G, Tq, Tk, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -227,30 +258,30 @@ def _attn_fwd(
 
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < Tq
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    q = _load_rows(q_base, rows, row_ok, stride_qm, stride_qd, HEAD_DIM).to(DOT_DTYPE)
+    q = _load_rows(q_base, rows, row_ok, stride_qm, stride_qd, HEAD_DIM, BLOCK_D).to(DOT_DTYPE)
 
     # -FLT_MAX: finite (a fully masked block gives p = 0, not NaN) and below every finite score
     # (-1e30 made a row whose visible scores are all below it output 0).
     m_i = tl.full([BLOCK_M], -3.4028234663852886e38, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
 
     full_hi, hi = _key_range(start_m, kv_len, causal_shift, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         rows, offs_d, 0, full_hi, kv_len, causal_shift, qk_scale,
-        BLOCK_N, False, CAUSAL, DOT_DTYPE, INPUT_PRECISION,
+        BLOCK_N, False, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         rows, offs_d, full_hi, hi, kv_len, causal_shift, qk_scale,
-        BLOCK_N, True, CAUSAL, DOT_DTYPE, INPUT_PRECISION,
+        BLOCK_N, True, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
     )  # fmt: skip
 
     seen = l_i > 0.0
@@ -258,7 +289,7 @@ def _attn_fwd(
     out = acc / l_i[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(l_i), float("inf"))
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    _store_rows(o_base, rows, row_ok, stride_om, stride_od, out, HEAD_DIM)
+    _store_rows(o_base, rows, row_ok, stride_om, stride_od, out, HEAD_DIM, BLOCK_D)
     tl.store(LSE + (b * H + h).to(tl.int64) * Tq + rows, lse, mask=row_ok)
 
 
@@ -268,7 +299,7 @@ def _bwd_preprocess(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     H, Tq,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -277,8 +308,8 @@ def _bwd_preprocess(
     row_ok = rows < Tq
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    o = _load_rows(o_base, rows, row_ok, stride_om, stride_od, HEAD_DIM).to(tl.float32)
-    do = _load_rows(do_base, rows, row_ok, stride_dom, stride_dod, HEAD_DIM).to(tl.float32)
+    o = _load_rows(o_base, rows, row_ok, stride_om, stride_od, HEAD_DIM, BLOCK_D).to(tl.float32)
+    do = _load_rows(do_base, rows, row_ok, stride_dom, stride_dod, HEAD_DIM, BLOCK_D).to(tl.float32)
     tl.store(Delta + (b * H + h).to(tl.int64) * Tq + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
@@ -289,6 +320,7 @@ def _bwd_dkdv_inner(
     cols, offs_d, lo, hi, Tq, kv_len, causal_shift, qk_scale,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
     q_ptrs = q_base + (lo + offs_m)[:, None] * stride_qm + offs_d[None, :] * stride_qd
@@ -298,7 +330,7 @@ def _bwd_dkdv_inner(
         rows = start_m + offs_m
         row_ok = rows < Tq
         # Rows past Tq load q = dO = 0 and lse = +inf: they add nothing.
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+        q = _load_tile(q_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D).to(DOT_DTYPE)
         lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
@@ -307,7 +339,7 @@ def _bwd_dkdv_inner(
             if CAUSAL:
                 keep = keep & (cols[:, None] <= rows[None, :] + causal_shift)
             p_t = tl.where(keep, p_t, 0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0).to(DOT_DTYPE)
+        do = _load_tile(do_ptrs, row_ok, offs_d, True, HEAD_DIM, BLOCK_D).to(DOT_DTYPE)
         dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision=INPUT_PRECISION)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -329,7 +361,8 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, G, Tq, Tk, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -342,14 +375,14 @@ def _attn_bwd_dkdv(
 
     start_n = pid_n * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < Tk
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    k = _load_rows(k_base, cols, col_ok, stride_kn, stride_kd, HEAD_DIM).to(DOT_DTYPE)
-    v = _load_rows(v_base, cols, col_ok, stride_vn, stride_vd, HEAD_DIM).to(DOT_DTYPE)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    k = _load_rows(k_base, cols, col_ok, stride_kn, stride_kd, HEAD_DIM, BLOCK_D).to(DOT_DTYPE)
+    v = _load_rows(v_base, cols, col_ok, stride_vn, stride_vd, HEAD_DIM, BLOCK_D).to(DOT_DTYPE)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query blocks [lo, diag_end) need a mask, [diag_end, q_end) do not.
     q_end = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
@@ -378,20 +411,20 @@ def _attn_bwd_dkdv(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             stride_qm, stride_qd, stride_dom, stride_dod,
             cols, offs_d, lo, diag_end, Tq, kv_len, causal_shift, qk_scale,
-            BLOCK_M, True, CAUSAL, DOT_DTYPE, INPUT_PRECISION,
+            BLOCK_M, True, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
         )  # fmt: skip
         dk, dv = _bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base,
             stride_qm, stride_qd, stride_dom, stride_dod,
             cols, offs_d, tl.maximum(lo, diag_end), q_end, Tq, kv_len, causal_shift, qk_scale,
-            BLOCK_M, False, CAUSAL, DOT_DTYPE, INPUT_PRECISION,
+            BLOCK_M, False, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
         )  # fmt: skip
 
     dk = dk * sm_scale
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-    _store_rows(dk_base, cols, col_ok, stride_dkn, stride_dkd, dk, HEAD_DIM)
-    _store_rows(dv_base, cols, col_ok, stride_dvn, stride_dvd, dv, HEAD_DIM)
+    _store_rows(dk_base, cols, col_ok, stride_dkn, stride_dkd, dk, HEAD_DIM, BLOCK_D)
+    _store_rows(dv_base, cols, col_ok, stride_dvn, stride_dvd, dv, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -401,6 +434,7 @@ def _bwd_dq_inner(
     rows, offs_d, lo, hi, kv_len, causal_shift, qk_scale,
     BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs = k_base + (lo + offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd
@@ -408,12 +442,9 @@ def _bwd_dq_inner(
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if MASK:
-            k = tl.load(k_ptrs, mask=cols[:, None] < kv_len, other=0.0).to(DOT_DTYPE)
-            v = tl.load(v_ptrs, mask=cols[:, None] < kv_len, other=0.0).to(DOT_DTYPE)
-        else:
-            k = tl.load(k_ptrs).to(DOT_DTYPE)
-            v = tl.load(v_ptrs).to(DOT_DTYPE)
+        key_ok = cols < kv_len
+        k = _load_tile(k_ptrs, key_ok, offs_d, MASK, HEAD_DIM, BLOCK_D).to(DOT_DTYPE)
+        v = _load_tile(v_ptrs, key_ok, offs_d, MASK, HEAD_DIM, BLOCK_D).to(DOT_DTYPE)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASK:
@@ -439,7 +470,8 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, G, Tq, Tk, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_LENGTHS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -455,33 +487,33 @@ def _attn_bwd_dq(
 
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < Tq
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    q = _load_rows(q_base, rows, row_ok, stride_qm, stride_qd, HEAD_DIM).to(DOT_DTYPE)
-    do = _load_rows(do_base, rows, row_ok, stride_dom, stride_dod, HEAD_DIM).to(DOT_DTYPE)
+    q = _load_rows(q_base, rows, row_ok, stride_qm, stride_qd, HEAD_DIM, BLOCK_D).to(DOT_DTYPE)
+    do = _load_rows(do_base, rows, row_ok, stride_dom, stride_dod, HEAD_DIM, BLOCK_D).to(DOT_DTYPE)
     lse = tl.load(LSE + (b * H + h).to(tl.int64) * Tq + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + (b * H + h).to(tl.int64) * Tq + rows, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     full_hi, hi = _key_range(start_m, kv_len, causal_shift, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         rows, offs_d, 0, full_hi, kv_len, causal_shift, qk_scale,
-        BLOCK_N, False, CAUSAL, DOT_DTYPE, INPUT_PRECISION,
+        BLOCK_N, False, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
     )  # fmt: skip
     dq = _bwd_dq_inner(
         dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         rows, offs_d, full_hi, hi, kv_len, causal_shift, qk_scale,
-        BLOCK_N, True, CAUSAL, DOT_DTYPE, INPUT_PRECISION,
+        BLOCK_N, True, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
     )  # fmt: skip
 
     dq = dq * sm_scale
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    _store_rows(dq_base, rows, row_ok, stride_dqm, stride_dqd, dq, HEAD_DIM)
+    _store_rows(dq_base, rows, row_ok, stride_dqm, stride_dqd, dq, HEAD_DIM, BLOCK_D)
 
 
 # ---------------------------------------------------------------- host side
@@ -508,8 +540,8 @@ def check_attention_args(q, k, v, *, causal, softmax_scale, key_lengths) -> floa
     Hkv = k.shape[1]
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"k and v must have a number of heads that divides q's ({H}), got {Hkv}")
-    if D not in HEAD_DIMS:
-        raise ValueError(f"q must have a head dim in {HEAD_DIMS}, got {D}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"q must have a head dim from 1 to {MAX_HEAD_DIM}, got {D}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if (t.shape[2] - 1) * t.stride(2) + (D - 1) * t.stride(3) > MAX_ROW_OFFSET:
             raise ValueError(
@@ -538,6 +570,13 @@ def check_attention_args(q, k, v, *, causal, softmax_scale, key_lengths) -> floa
     return float(softmax_scale)
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The kernels' tile width along the head dim: the next power of two, at least 16 (tl.dot's
+    smallest inner dimension). The padding columns are loaded as 0, which leaves every q·k and
+    p·v exact, and are never stored; the launch configurations are chosen by this width."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
@@ -561,6 +600,13 @@ def _dot_settings(dtype: torch.dtype):
 
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def attention_grid(seq_len: int, block: int, heads: int, batch: int) -> tuple[int, int, int]:
+    """Every kernel's grid: (blocks of `block` rows of the sequence, heads, examples). The
+    blocks fit axis x at any size memory holds; more than 65,535 heads or examples in one call
+    is refused with a ValueError, since the kernels read the head and example from axes y, z."""
+    return checked_grid(triton.cdiv(seq_len, block), heads, batch)
 
 
 def _seq_bucket(Tq: int, Tk: int) -> int:
@@ -619,14 +665,14 @@ def flash_attention_fwd(
     has_lengths = key_lengths is not None
 
     def grid(meta):
-        return (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)
+        return attention_grid(Tq, meta["BLOCK_M"], H, B)
 
     with _device_guard(q):
         _attn_fwd[grid](
             q, k, v, out, lse, key_lengths if has_lengths else lse, sm_scale,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             H, H // Hkv, Tq, Tk, _seq_bucket(Tq, Tk),
-            HEAD_DIM=D, CAUSAL=causal, HAS_KEY_LENGTHS=has_lengths,
+            HEAD_DIM=D, BLOCK_D=padded_head_dim(D), CAUSAL=causal, HAS_KEY_LENGTHS=has_lengths,
             DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
         )  # fmt: skip
     return out, lse
@@ -664,22 +710,22 @@ def flash_attention_bwd(
     has_lengths = key_lengths is not None
     lengths_arg = key_lengths if has_lengths else lse
     common = dict(
-        HEAD_DIM=D, CAUSAL=causal, HAS_KEY_LENGTHS=has_lengths,
+        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), CAUSAL=causal, HAS_KEY_LENGTHS=has_lengths,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
     )  # fmt: skip
-    preprocess_block = 8192 // D  # 8k elements per program: no register spills
+    preprocess_block = 8192 // padded_head_dim(D)  # 8k elements per program: no spills
 
     with _device_guard(q):
-        _bwd_preprocess[(triton.cdiv(Tq, preprocess_block), H, B)](
+        _bwd_preprocess[attention_grid(Tq, preprocess_block, H, B)](
             out, do, delta, *_strides(out), *_strides(do), H, Tq,
-            HEAD_DIM=D, BLOCK_M=preprocess_block,
+            HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=preprocess_block,
         )  # fmt: skip
-        _attn_bwd_dkdv[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), Hkv, B)](
+        _attn_bwd_dkdv[lambda meta: attention_grid(Tk, meta["BLOCK_N"], Hkv, B)](
             q, k, v, do, dk, dv, lse, delta, lengths_arg, sm_scale,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
             H, H // Hkv, Tq, Tk, _seq_bucket(Tq, Tk), **common,
         )  # fmt: skip
-        _attn_bwd_dq[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), H, B)](
+        _attn_bwd_dq[lambda meta: attention_grid(Tq, meta["BLOCK_M"], H, B)](
             q, k, v, do, dq, lse, delta, lengths_arg, sm_scale,
             *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
             H, H // Hkv, Tq, Tk, _seq_bucket(Tq, Tk), **common,

@@ -11,7 +11,8 @@ gradient is g_iᵀ a_i and the bias gradient Σ_t g_it. Two tiled paths, fp32 ac
   ~2·T·din·dout FLOPs per example, i.e. one weight-gradient GEMM.
 
 Neither path holds a T×T matrix or a per-example gradient: the only memory beyond the inputs
-is one fp32 partial sum per (example, program), summed in a fixed order (deterministic).
+is one fp32 partial sum per (example, program), summed in float64 in a fixed order
+(deterministic). The sums are structured so that norm_bounds can bound their rounding.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import triton.language as tl
 
 from .clipped_sum import autotune_configs, dot_acc, dot_in_fp32
 from .reference import grad_norm_method
+from .utils import checked_grid
 
 
 def seq_block(seq_len: int) -> int:
@@ -81,8 +83,10 @@ def _ghost_sq_norm_kernel(
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0)
-    r = tl.program_id(1)
+    # One flat grid (example, program): neither count is bounded by CUDA's 65,535 on y.
+    programs = tl.cdiv(N_TILES, 2)
+    i = tl.program_id(0) // programs
+    r = tl.program_id(0) % programs
     base = i.to(tl.int64) * T
     offs_t = tl.arange(0, BLOCK_T)
     total = 0.0
@@ -96,15 +100,18 @@ def _ghost_sq_norm_kernel(
                             BLOCK_D, BLOCK_T, DOT_FP32)
         if HAS_BIAS:
             a_gram += 1.0
-        total += tl.where(s == t, 1.0, 2.0) * tl.sum(a_gram * g_gram)
-    tl.store(part_ptr + i.to(tl.int64) * tl.num_programs(1) + r, total)
+        # Two sums of BLOCK_T terms rather than one of BLOCK_T²: the rounding bound of
+        # norm_bounds.ghost_rounding counts 2·BLOCK_T additions per term.
+        total += tl.where(s == t, 1.0, 2.0) * tl.sum(tl.sum(a_gram * g_gram, axis=1), axis=0)
+    tl.store(part_ptr + tl.program_id(0).to(tl.int64), total)
 
 
 @triton.autotune(
     configs=autotune_configs([
-        triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
+        # BLOCK_T 64 spilled on sm_80 (bench/compile_report.py): 142 B with 4 warps, and 4 B
+        # with 8 warps and 3 stages (triton 3.6: ptxas stopped at 128 registers).
+        triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3),
     ]),
     key=["T", "DIN", "DOUT"],
 )
@@ -114,9 +121,10 @@ def _instantiate_sq_norm_kernel(
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_O: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    i = tl.program_id(0)
-    tile = tl.program_id(1)
     n_i = tl.cdiv(DIN, BLOCK_I)
+    tiles = tl.cdiv(DOUT, BLOCK_O) * n_i
+    i = tl.program_id(0) // tiles
+    tile = tl.program_id(0) % tiles
     cols_o = (tile // n_i) * BLOCK_O + tl.arange(0, BLOCK_O)
     cols_i = (tile % n_i) * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_t = tl.arange(0, BLOCK_T)
@@ -132,11 +140,12 @@ def _instantiate_sq_norm_kernel(
         acc = dot_acc(g_t, x, acc, DOT_FP32)
         if HAS_BIAS:
             acc_b += tl.sum(g_t.to(tl.float32), axis=1)
-    sq = tl.sum(acc * acc)
+    # Row sums, then their sum: at most BLOCK_O + BLOCK_I additions per term (norm_bounds).
+    sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
     if HAS_BIAS:
         # Every tile computed its rows' bias sums; the first-column tile reports them.
         sq += tl.where(tile % n_i == 0, tl.sum(acc_b * acc_b), 0.0)
-    tl.store(part_ptr + i.to(tl.int64) * tl.num_programs(1) + tile, sq)
+    tl.store(part_ptr + tl.program_id(0).to(tl.int64), sq)
 
 
 def per_example_grad_sq_norms(a, g, *, bias=True, method=None):
@@ -154,17 +163,18 @@ def per_example_grad_sq_norms(a, g, *, bias=True, method=None):
         block_o, block_i = feature_block(dout), feature_block(din)
         programs = triton.cdiv(dout, block_o) * triton.cdiv(din, block_i)
     partial = torch.zeros(batch, programs, dtype=torch.float32, device=a.device)
-    if batch == 0 or programs == 0:
-        return partial.sum(1)
-    dot_fp32 = dot_in_fp32(a.dtype)
-    if method == "ghost":
-        _ghost_sq_norm_kernel[(batch, programs)](
-            a2, g2, partial, seq_len, din, dout, n_tiles,
-            HAS_BIAS=bias, DOT_FP32=dot_fp32, BLOCK_T=block_t,
-        )
-    else:
-        _instantiate_sq_norm_kernel[(batch, programs)](
-            a2, g2, partial, seq_len, din, dout,
-            HAS_BIAS=bias, DOT_FP32=dot_fp32, BLOCK_O=block_o, BLOCK_I=block_i,
-        )
-    return partial.sum(1)
+    if batch and programs:
+        grid = checked_grid(batch * programs)
+        dot_fp32 = dot_in_fp32(a.dtype)
+        if method == "ghost":
+            _ghost_sq_norm_kernel[grid](
+                a2, g2, partial, seq_len, din, dout, n_tiles,
+                HAS_BIAS=bias, DOT_FP32=dot_fp32, BLOCK_T=block_t,
+            )
+        else:
+            _instantiate_sq_norm_kernel[grid](
+                a2, g2, partial, seq_len, din, dout,
+                HAS_BIAS=bias, DOT_FP32=dot_fp32, BLOCK_O=block_o, BLOCK_I=block_i,
+            )
+    # float64 across programs, so that this sum adds one rounding (norm_bounds), not γ(programs).
+    return partial.sum(1, dtype=torch.float64).float()

@@ -59,28 +59,34 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, key_length
 # Noise. A call's 128-bit noise key (utils.noise_key) keys Philox-4x32-10: its low 64 bits are
 # the Philox key, its high 64 bits (the "nonce") fill the two counter words that the element
 # offsets leave free, so the four counter words are (c mod 2^32, c >> 32, nonce mod 2^32,
-# nonce >> 32) for an element counter c < 2^64. Each Philox call gives four uniforms and, by
-# Box-Muller as in Triton's tl.randn4x, four normals z1..z4 (z1, z2 share one radius and z3, z4
-# another). With nonce 0 this is exactly tl.randn4x(key, c).
-# A released tensor is seen as rows of length W; its element (r, k) uses counter
-# base + r·⌈W/L⌉ + k // L, with L = noise_lanes(secure_mode) elements per counter:
-# - default (L = 4): noise_std·z_{1 + k % 4};
-# - secure_mode (L = 2): s·z_{1 + k % 2} + s·z_{3 + k % 2} with s = noise_std·√½, a sum of two
-#   normals with independent radii, and the noised value is then rounded to the grid
-#   secure_noise_grid(noise_std) (see docs/threat_model.md).
+# nonce >> 32) for an element counter c < 2^64. A Philox call gives four 32-bit words w1..w4
+# and, by Box-Muller (box_muller), two normals: radius sqrt(-2 ln u) and angle θ, z1 = r·cos θ,
+# z2 = r·sin θ, with
+# - u = (w1·2^32 + w2 + 1/2) / 2^64, a 64-bit uniform that is never 0 (at least 2^-65): the
+#   radius follows the Rayleigh tail P(r > t) = exp(-t²/2) out to t = 9.42, where that tail is
+#   2^-64, and reaches 9.49. No floor at small u: Triton's tl.randn clamps u at 1e-7, which
+#   truncates every normal at 5.68. u is computed in float32 as w1·2^-32 + (w2 + 1/2)·2^-64,
+#   every step exact or one rounding (relative error < 2^-22), so the tail is that precise. At
+#   the other end u rounds to 1 when w1 >= 2^32 - 2^7 (probability 2^-25), which would make the
+#   radius exactly 0 and release the un-noised value itself: u is capped at 1 - 2^-24, the
+#   largest float32 below 1 (radius >= 3.5e-4 there, in the centre of the distribution);
+# - θ = 2π·(w3 + 1/2) / 2^32 in float32; w4 is not used.
+# A released tensor is seen as rows of length W; its element (r, k) is noise_std·z_{1 + k % 2}
+# of counter base + r·⌈W/2⌉ + k // 2 (NOISE_LANES = 2 elements per counter), in both modes;
+# secure_mode then rounds the noised value to the grid secure_noise_grid(noise_std) (see
+# docs/threat_model.md).
 # Linear layer: weight [dout, din] with base 0, then bias as one row of dout with base
-# dout·⌈din/L⌉. Norm affine: weight one row of d (base 0), bias one row (base ⌈d/L⌉).
+# dout·⌈din/2⌉. Norm affine: weight one row of d (base 0), bias one row (base ⌈d/2⌉).
 # Embedding: [V, d], base 0. add_gaussian_noise_: x as [-1, x.shape[-1]], base 0. So every
-# element of a call has its own (counter, lanes), and each call has a fresh key. released_noise
-# reproduces this in plain PyTorch (uint32 arithmetic in int64 lanes): twin and kernel agree.
+# element of a call has its own (counter, lane), and each call has a fresh key. released_noise
+# reproduces this in plain PyTorch (uint32 arithmetic in int64 lanes): the Philox words and u are
+# bit-identical to the kernels', the normals equal up to float32 rounding of log, cos and sin.
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _U32 = 0xFFFFFFFF
-
-
-def noise_lanes(secure_mode: bool) -> int:
-    """Elements of a released tensor per Philox counter: 4 normals, or 2 sums of two."""
-    return 2 if secure_mode else 4
+NOISE_LANES = 2  # elements of a released tensor per Philox counter: one Box-Muller pair
+BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1: the cap on the uniform
+TWO_PI_POW_M32 = 2.0 * math.pi * 2.0**-32  # angle per unit of the word w3
 
 
 def secure_noise_grid(noise_std: float) -> float:
@@ -100,9 +106,9 @@ def _mul32(const: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_randn4x(key: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Four float32 N(0, 1) tensors for int64 offsets under a 128-bit key, as the kernels draw
-    them; for key < 2^64 (nonce 0) exactly Triton's tl.randn4x(key, offsets)."""
+def philox4x32(key: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four Philox-4x32-10 words (uint32 values in int64) of int64 offsets under a 128-bit
+    key, as the kernels draw them; for key < 2^64 (nonce 0) exactly tl.randint4x(key, offsets)."""
     nonce = key >> 64
     c0, c1 = offsets & _U32, (offsets >> 32) & _U32  # any int64 bit pattern, as the kernels
     c2 = torch.full_like(offsets, nonce & _U32)
@@ -113,35 +119,35 @@ def philox_randn4x(key: int, offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    return c0, c1, c2, c3
 
-    def uniform(x: torch.Tensor) -> torch.Tensor:  # Triton's uint_to_uniform_float
-        x = torch.where(x >= 2**31, _U32 - x, x)
-        return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
-    def box_muller(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        radius = torch.sqrt(-2.0 * torch.log(torch.clamp(uniform(x), min=1.0e-7)))
-        theta = torch.tensor(6.283185307179586, dtype=torch.float32) * uniform(y)
-        return radius * torch.cos(theta), radius * torch.sin(theta)
+def box_muller(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Two float32 N(0, 1) tensors from Philox words (uint32 values in int64) by the rule above,
+    the float32 operations of the kernels' box_muller in the same order."""
+    f32 = torch.float32
+    u = w1.to(f32) * 2.0**-32 + (w2.to(f32) + 0.5) * 2.0**-64  # powers of two: exact products
+    radius = torch.sqrt(-2.0 * torch.log(torch.clamp(u, max=BELOW_ONE)))
+    theta = (w3.to(f32) + 0.5) * torch.tensor(TWO_PI_POW_M32, dtype=f32)
+    return radius * torch.cos(theta), radius * torch.sin(theta)
 
-    return (*box_muller(c0, c1), *box_muller(c2, c3))
+
+def philox_normals(key: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two float32 N(0, 1) tensors of int64 counters under a 128-bit key, as the kernels."""
+    w1, w2, w3, _ = philox4x32(key, offsets)
+    return box_muller(w1, w2, w3)
 
 
 def released_noise(
-    key: int, rows: int, width: int, base: int = 0, device=None, *, std: float = 1.0,
-    secure_mode: bool = False,
+    key: int, rows: int, width: int, base: int = 0, device=None, *, std: float = 1.0
 ) -> torch.Tensor:
     """The float32 noise [rows, width] of a released tensor with noise_std `std` (see the rule
     above), before secure_mode's rounding: N(0, std²·I) up to float32 rounding."""
-    lanes = noise_lanes(secure_mode)
-    per_row = -(-width // lanes)
+    per_row = -(-width // NOISE_LANES)
     counters = base + torch.arange(rows * per_row, device=device, dtype=torch.int64)
-    z1, z2, z3, z4 = philox_randn4x(key, counters)
-    if secure_mode:
-        s = torch.tensor(std * math.sqrt(0.5), dtype=torch.float32)
-        noise = torch.stack((s * z1 + s * z3, s * z2 + s * z4), dim=-1)
-    else:
-        noise = torch.stack((z1, z2, z3, z4), dim=-1) * torch.tensor(std, dtype=torch.float32)
-    return noise.view(rows, per_row * lanes)[:, :width]
+    noise = torch.stack(philox_normals(key, counters), dim=-1)
+    noise = noise * torch.tensor(std, dtype=torch.float32)
+    return noise.view(rows, per_row * NOISE_LANES)[:, :width]
 
 
 def snap_to_grid(x: torch.Tensor, grid: float) -> torch.Tensor:
@@ -155,9 +161,7 @@ def _noise_epilogue(acc, noise_std, scale, key, base, out_dtype, secure_mode=Fal
     fp32 acc (1-D: one row), cast to out_dtype."""
     if noise_std > 0.0:
         rows, width = (1, acc.numel()) if acc.dim() < 2 else acc.shape
-        noise = released_noise(
-            key, rows, width, base, device=acc.device, std=noise_std, secure_mode=secure_mode
-        )
+        noise = released_noise(key, rows, width, base, device=acc.device, std=noise_std)
         acc = acc + noise.view(acc.shape)
         if secure_mode:
             acc = snap_to_grid(acc, secure_noise_grid(noise_std))
@@ -185,12 +189,17 @@ def per_example_grad_sq_norms(a, g, *, bias=True, method=None):
     """‖g_iᵀ a_i‖_F² (+ ‖Σ_t g_it‖² with bias) per example, fp32 [B]."""
     a, g = _as_sequences(a).float(), _as_sequences(g).float()
     method = method or grad_norm_method(a.shape[1], a.shape[2], g.shape[2])
+    # fp32 Gram matrices or tiles, as the kernels; products and sums in float64, so that the
+    # rounding stays within what norm_bounds assumes of the kernels.
     if method == "ghost":
-        g_gram = torch.bmm(g, g.transpose(1, 2))
-        sq = (torch.bmm(a, a.transpose(1, 2)) * g_gram).sum((1, 2))
-        return sq + g_gram.sum((1, 2)) if bias else sq
-    sq = torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
-    return sq + g.sum(1).square().sum(1) if bias else sq
+        g_gram = torch.bmm(g, g.transpose(1, 2)).double()
+        a_gram = torch.bmm(a, a.transpose(1, 2)).double()
+        return ((a_gram + 1.0 if bias else a_gram) * g_gram).sum((1, 2)).float()
+    # One example's [dout, din] gradient at a time: never [B, dout, din] (an LM head's B×V×d).
+    sq = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
+    for i, (g_i, a_i) in enumerate(zip(g, a, strict=True)):
+        sq[i] = (g_i.T @ a_i).square().sum(dtype=torch.float64)
+    return (sq + g.sum(1).double().square().sum(1) if bias else sq).float()
 
 
 def clipped_grad_sum(
@@ -208,7 +217,7 @@ def clipped_grad_sum(
     weight = _noise_epilogue(weight, noise_std, scale, key, 0, out_dtype, secure_mode)
     if not bias:
         return weight, None
-    bias_base = dout * -(-din // noise_lanes(secure_mode))
+    bias_base = dout * -(-din // NOISE_LANES)
     bias_grad = _noise_epilogue(
         g.sum((0, 1)), noise_std, scale, key, bias_base, out_dtype, secure_mode
     )
@@ -265,7 +274,7 @@ def block_clipped_grad_sum(
     weight = _noise_epilogue(weight, noise_std, scale, key, 0, out_dtype, secure_mode)
     if not bias:
         return weight, None
-    bias_base = dout * -(-din // noise_lanes(secure_mode))
+    bias_base = dout * -(-din // NOISE_LANES)
     return weight, _noise_epilogue(
         bias_sum, noise_std, scale, key, bias_base, out_dtype, secure_mode
     )
@@ -287,8 +296,8 @@ def add_gaussian_noise_(x, std, *, seed=None, secure_mode=False):
 def norm_affine_grad_sq_norms(x_hat, g, *, bias=True):
     """LayerNorm/RMSNorm affine parameters: ‖Σ_t g_t ⊙ x̂_t‖² (+ ‖Σ_t g_t‖² with bias), fp32 [B]."""
     x_hat, g = _as_sequences(x_hat).float(), _as_sequences(g).float()
-    sq = (g * x_hat).sum(1).square().sum(1)
-    return sq + g.sum(1).square().sum(1) if bias else sq
+    sq = (g * x_hat).sum(1).double().square().sum(1)
+    return (sq + g.sum(1).double().square().sum(1) if bias else sq).float()
 
 
 def norm_affine_clipped_grad_sum(
@@ -307,7 +316,7 @@ def norm_affine_clipped_grad_sum(
     )
     if not bias:
         return weight, None
-    bias_base = -(-d // noise_lanes(secure_mode))
+    bias_base = -(-d // NOISE_LANES)
     return weight, _noise_epilogue(
         g.sum((0, 1)), noise_std, scale, key, bias_base, out_dtype, secure_mode
     )
@@ -320,12 +329,24 @@ def _drop_padding(ids, g, padding_idx):
 
 
 def embedding_grad_sq_norms(ids, g, *, padding_idx=None):
-    """Σ_{t,s} [ids_t = ids_s] <g_t, g_s> per example (ghost norm), fp32 [B]."""
+    """Σ_v ‖Σ_{t: ids_t = v} g_t‖² per example, fp32 [B]: the positions of each example are
+    grouped by id and summed in float64, then squared. Unlike the ghost form
+    Σ_{s,t}[ids_s = ids_t]<g_s, g_t>, nothing cancels: a token repeated with nearly opposite
+    gradients gets its true, small row. The same code serves CPU and GPU (no kernel): memory
+    is one float64 row per distinct (example, id), at most B·T rows, never [B, V, d]."""
     g = _as_sequences(g)
-    ids = ids.reshape(g.shape[:2])
-    g = _drop_padding(ids, g, padding_idx)
-    same = ids[:, :, None] == ids[:, None, :]
-    return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
+    batch, seq_len, d = g.shape
+    ids = ids.reshape(batch, seq_len).long()
+    example = torch.arange(batch, device=g.device).repeat_interleave(seq_len)
+    # ids < 2^31 (int32 or a vocabulary index), so (example, id) -> example·2^31 + id is 1:1.
+    _, group = torch.unique(example * 2**31 + ids.reshape(-1), return_inverse=True)
+    rows = _drop_padding(ids, g, padding_idx).double().reshape(-1, d)
+    sums = torch.zeros(batch * seq_len, d, dtype=torch.float64, device=g.device)
+    sums.index_add_(0, group, rows)
+    owner = torch.zeros(batch * seq_len, dtype=torch.long, device=g.device)
+    owner.scatter_(0, group, example)
+    sq = torch.zeros(batch, dtype=torch.float64, device=g.device)
+    return sq.index_add_(0, owner, sums.square().sum(1)).float()
 
 
 def embedding_clipped_grad_sum(

@@ -3,10 +3,10 @@ embedding tables.
 
 - LayerNorm / RMSNorm weight and bias: per-example gradients are d-vectors
   (Σ_t g_t ⊙ x̂_t and Σ_t g_t), so they are instantiated in registers, tile by tile of d.
-- Embeddings: example i's gradient row v is Σ_{t: ids_t = v} g_t, so its squared norm is
-  Σ_{s,t} [ids_s = ids_t] <g_s, g_t> (ghost form), over pairs of T-tiles with a token-equality
-  mask: never a [B, V, d] tensor. The clipped sum scatters c_i·g_t into row ids_t with fp32
-  atomics (summation order, hence the last bits, may vary between GPU runs).
+- Embeddings: the clipped sum scatters c_i·g_t into row ids_t with fp32 atomics (summation
+  order, hence the last bits, may vary between GPU runs). Their per-example norms are plain
+  PyTorch on every device (reference.embedding_grad_sq_norms: per-token sums inside each
+  example, which cannot cancel the way the ghost form does).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .clipped_sum import dot_in_fp32, finish_with_noise
-from .per_example_norms import feature_block, folded_pair, folded_pair_count, gram_tile, seq_block
-from .reference import noise_lanes
+from .clipped_sum import finish_with_noise
+from .per_example_norms import feature_block, seq_block
+from .reference import NOISE_LANES
 from .utils import noise_key
 
 
@@ -62,7 +62,7 @@ def norm_affine_grad_sq_norms(x_hat, g, *, bias=True):
             x_hat.contiguous(), g.contiguous(), partial, seq_len, d,
             HAS_BIAS=bias, BLOCK_T=seq_block(seq_len), BLOCK_D=block_d,
         )
-    return partial.sum(1)
+    return partial.sum(1, dtype=torch.float64).float()  # one rounding (norm_bounds)
 
 
 @triton.jit
@@ -120,52 +120,9 @@ def norm_affine_clipped_grad_sum(
     if not bias:
         return weight, None
     bias_grad = torch.empty(d, dtype=out_dtype, device=x_hat.device)
-    # The bias's noise counters follow the weight's ⌈d/L⌉, as in the twin.
-    finish_with_noise(ws[:, 1], bias_grad, base=triton.cdiv(d, noise_lanes(secure_mode)), **noise)
+    # The bias's noise counters follow the weight's ⌈d/2⌉, as in the twin.
+    finish_with_noise(ws[:, 1], bias_grad, base=triton.cdiv(d, NOISE_LANES), **noise)
     return weight, bias_grad
-
-
-@triton.jit
-def _embedding_sq_norm_kernel(
-    ids_ptr, g_ptr, part_ptr, T, D, N_TILES, padding_idx,
-    HAS_PADDING: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    i = tl.program_id(0)
-    r = tl.program_id(1)
-    base = i.to(tl.int64) * T
-    offs_t = tl.arange(0, BLOCK_T)
-    total = 0.0
-    for j in range(0, folded_pair_count(r, N_TILES)):
-        s, t = folded_pair(r, j, N_TILES)
-        pos_s, pos_t = s * BLOCK_T + offs_t, t * BLOCK_T + offs_t
-        valid_s, valid_t = pos_s < T, pos_t < T
-        ids_s = tl.load(ids_ptr + base + pos_s, mask=valid_s, other=0)
-        ids_t = tl.load(ids_ptr + base + pos_t, mask=valid_t, other=0)
-        same = ids_s[:, None] == ids_t[None, :]
-        if HAS_PADDING:
-            same = same & (ids_s != padding_idx)[:, None]
-        g_gram = gram_tile(g_ptr, base + pos_s, base + pos_t, valid_s, valid_t, D,
-                           BLOCK_D, BLOCK_T, DOT_FP32)
-        total += tl.where(s == t, 1.0, 2.0) * tl.sum(tl.where(same, g_gram, 0.0))
-    tl.store(part_ptr + i.to(tl.int64) * tl.num_programs(1) + r, total)
-
-
-def embedding_grad_sq_norms(ids, g, *, padding_idx=None):
-    """Σ_{t,s} [ids_t = ids_s] <g_t, g_s> per example, fp32 [B]; see functional."""
-    batch, d = g.shape[0], g.shape[-1]
-    seq_len = ids.shape[1] if ids.dim() == 2 else 1
-    block_t = seq_block(seq_len)
-    n_tiles = triton.cdiv(seq_len, block_t)
-    partial = torch.zeros(batch, triton.cdiv(n_tiles, 2), dtype=torch.float32, device=g.device)
-    if partial.numel():
-        _embedding_sq_norm_kernel[partial.shape](
-            ids.contiguous(), g.contiguous(), partial, seq_len, d, n_tiles,
-            -1 if padding_idx is None else padding_idx,
-            HAS_PADDING=padding_idx is not None, DOT_FP32=dot_in_fp32(g.dtype),
-            BLOCK_T=block_t, BLOCK_D=feature_block(d, 64), num_warps=8,
-        )
-    return partial.sum(1)
 
 
 @triton.jit

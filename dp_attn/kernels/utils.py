@@ -8,6 +8,8 @@ import secrets
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# CUDA's limits on a launch grid: at most 2**31 - 1 programs on axis x, 65,535 on y and z.
+MAX_GRID = (2**31 - 1, 65_535, 65_535)
 
 
 def interpreting() -> bool:
@@ -64,6 +66,17 @@ def check_same(attr: str, **tensors: torch.Tensor) -> None:
         listed = ", ".join(f"{n}={v}" for n, v in values.items())
         error = TypeError if attr == "dtype" else ValueError
         raise error(f"{' and '.join(values)} must share a {attr}, got {listed}")
+
+
+def checked_grid(*grid: int) -> tuple[int, ...]:
+    """`grid` as a tuple; ValueError when an axis has more programs than CUDA launches."""
+    for axis, (size, limit) in enumerate(zip(grid, MAX_GRID, strict=False)):
+        if size > limit:
+            raise ValueError(
+                f"a launch grid of {grid} programs has {size} on axis {'xyz'[axis]}, over "
+                f"CUDA's limit of {limit:,}"
+            )
+    return tuple(grid)
 
 
 def check_nonnegative(name: str, value: float) -> None:

@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call, grad
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -39,11 +38,11 @@ def gpt2(tie=False):
     return generic(transformers.GPT2LMHeadModel(config))
 
 
-def llama():
+def llama(tie=False):
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=16,
-        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie,
     )
     return generic(transformers.LlamaForCausalLM(config))
 
@@ -229,15 +228,15 @@ def test_dp_lora_trains_and_privatises_only_the_adapters(monkeypatch):
 # ---------------------------------------------------------------- refusals
 
 
-def test_tied_embeddings_are_refused_with_how_to_untie():
-    model = gpt2(tie=True)
-    assert model.lm_head.weight is model.transformer.wte.weight
-    with pytest.raises(ValueError, match=r"tie_word_embeddings.*lm_head\.weight = nn\.Parameter"):
-        make_private(model, 1.0)
-    # The message's recipe works.
-    model.lm_head.weight = nn.Parameter(model.get_input_embeddings().weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    make_private(model, 1.0)
+@pytest.mark.parametrize("build", [lambda: gpt2(tie=True), lambda: llama(tie=True)],
+                         ids=["gpt2", "llama"])  # fmt: skip
+def test_tied_embeddings_release_equals_oracle(build):
+    """Tied input and output embeddings (GPT-2's default, LLaMA with tie_word_embeddings):
+    the shared weight's release, the clipped sum over both uses, equals the oracle's."""
+    model = build()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    data = batch(padded=True)
+    check_release(model, per_example_grads(model, *data), data)
 
 
 REFUSED = {  # case: (extra forward arguments, what the error says)
@@ -265,10 +264,26 @@ def test_inexpressible_masks_are_refused(case):
         model(input_ids=ids, **inputs)
 
 
-def test_attention_dropout_is_refused():
-    config = gpt2().config
-    config.attn_pdrop = 0.1
-    model = dp_hf.prepare_model(transformers.GPT2LMHeadModel(config).train())
+@pytest.mark.parametrize(
+    "build, field",
+    [(gpt2, "attn_pdrop"), (bert, "attention_probs_dropout_prob"), (llama, "attention_dropout")],
+)
+def test_attention_dropout_is_refused_by_make_private(build, field):
+    """A config asking for attention dropout (GPT2Config's default attn_pdrop is 0.1) is
+    refused by make_private, naming the field and the fix, even in eval mode (how
+    from_pretrained returns a model; the training loop switches it to train() later)."""
+    model_class, config = type(build()), copy.deepcopy(build().config)
+    setattr(config, field, 0.1)
+    with pytest.raises(ValueError, match=rf"{field}=0\.1\).*{field}=0\.0"):
+        make_private(model_class(config).eval(), 1.0)
+    setattr(config, field, 0.0)
+    make_private(model_class(config), 1.0)
+
+
+def test_attention_dropout_set_after_preparation_is_refused_at_the_forward():
+    """Dropout switched on in a layer after make_private is still refused, at the forward."""
+    model = dp_hf.prepare_model(gpt2())
+    model.transformer.h[0].attn.attn_dropout.p = 0.1
     ids, *_ = batch()
     with pytest.raises(ValueError, match="attn_pdrop"):
         model(input_ids=ids)

@@ -68,7 +68,7 @@ def assert_all_close(actual, expected, **tol):
 
 # (B, H, Hkv, Tq, Tk, D, causal, key_lengths, dtype). T = 130 spans several blocks of every
 # kernel (the unmasked loops, the causal diagonal and the partial last block); 1 and 17 are
-# single partial blocks.
+# single partial blocks. Head dims that are not a power of two >= 16 run on zero-padded tiles.
 CASES = {
     "dense-130-d32": (2, 2, 2, 130, 130, 32, False, None, torch.float32),
     "causal-130-d64": (2, 2, 2, 130, 130, 64, True, None, torch.float32),
@@ -83,6 +83,14 @@ CASES = {
     "fp16-causal-gqa-d128": (2, 4, 2, 130, 130, 128, True, [130, 64], torch.float16),
     "fp16-dense-d64": (2, 2, 1, 17, 130, 64, False, None, torch.float16),
     "bf16-causal-d32": (2, 2, 2, 130, 130, 32, True, None, torch.bfloat16),
+    "d1-causal-lengths": (2, 2, 1, 70, 70, 1, True, [70, 9], torch.float32),
+    "d8-dense-q<k": (2, 2, 2, 17, 130, 8, False, None, torch.float32),
+    "d24-causal-gqa-lengths": (2, 4, 2, 130, 130, 24, True, [130, 77], torch.float32),
+    "d80-causal": (1, 2, 2, 70, 70, 80, True, None, torch.float32),
+    "d96-causal-gqa-lengths": (2, 4, 2, 70, 70, 96, True, [70, 40], torch.float32),
+    "d112-dense-lengths": (1, 2, 1, 33, 70, 112, False, [70], torch.float32),
+    "fp16-causal-d96": (2, 2, 1, 70, 70, 96, True, None, torch.float16),
+    "bf16-dense-d24": (2, 2, 2, 33, 33, 24, False, [33, 20], torch.bfloat16),
 }
 
 
@@ -169,6 +177,22 @@ def test_empty_batch_and_empty_sequences():
             assert (t == 0).all()
 
 
+@pytest.mark.parametrize("D", [8, 24, 96])
+def test_columns_past_the_head_dim_are_never_read(D):
+    """q, k, v as views of the first D columns of wider tensors whose other columns are NaN
+    (the padding columns of the kernels' tiles): output and gradients equal those of
+    contiguous copies."""
+    q, k, v, do = make_inputs(2, 2, 1, 40, 40, D)
+    width = max(16, 1 << (D - 1).bit_length()) + 8
+    wide = [torch.full((*t.shape[:3], width), float("nan")) for t in (q, k, v)]
+    for w, t in zip(wide, (q, k, v), strict=True):
+        w[..., :D] = t
+    kwargs = dict(causal=True, key_lengths=torch.tensor([40, 25]))
+    views = value_and_grads(F.flash_attention, *(w[..., :D] for w in wide), do, **kwargs)
+    copies = value_and_grads(F.flash_attention, q, k, v, do, **kwargs)
+    assert_all_close(views, copies, atol=0.0, rtol=0.0)
+
+
 def test_views_of_a_fused_qkv_projection():
     """q, k, v as strided views of one [B, T, 3, H, D] tensor (no copies) give the result and
     the fused gradient of contiguous inputs."""
@@ -232,13 +256,13 @@ def _bad_inputs():
             "divides q's (4)",
         ),
         (
-            "head-dim-24",
-            q[..., :12].repeat(1, 1, 1, 2),
-            k[..., :12].repeat(1, 1, 1, 2),
-            v[..., :12].repeat(1, 1, 1, 2),
+            "head-dim-0",
+            q[..., :0],
+            k[..., :0],
+            v[..., :0],
             {},
             ValueError,
-            "q must have a head dim in",
+            "q must have a head dim from 1 to 256, got 0",
         ),
         (
             "head-dim-512",
@@ -247,7 +271,7 @@ def _bad_inputs():
             v.repeat(1, 1, 1, 32),
             {},
             ValueError,
-            "q must have a head dim in",
+            "q must have a head dim from 1 to 256, got 512",
         ),
         ("causal-int", q, k, v, dict(causal=1), TypeError, "causal must be a bool"),
         ("scale-str", q, k, v, dict(softmax_scale="0.1"), TypeError, "softmax_scale must be"),
