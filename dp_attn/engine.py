@@ -308,10 +308,11 @@ class _Clipper:
         certified bounds (float64, rounding included: kernels/norm_bounds.py) of the group's
         per-example norm N and release rounding E, so that each released contribution is at
         most C·(1 + RELEASE_ROUNDING); 0 where N is not finite (a or g held inf or NaN)."""
-        norms, errors = (x.sqrt() * scale for x in sq_bounds)
+        norm_sq, error_sq, underflow = sq_bounds
+        norms, errors = norm_sq.sqrt() * scale, error_sq.sqrt() * scale
         finite = torch.isfinite(norms)
         self._pass_nonfinite |= ~finite
-        factors = DF.clip_factors(norms, errors, threshold)
+        factors = DF.clip_factors(norms, errors, underflow, threshold)
         return (torch.where(finite, factors, 0.0) * scale).float()
 
     def _add(self, sums) -> None:

@@ -163,30 +163,31 @@ def per_example_grad_sq_norms(
 
 
 def clip_factors(
-    norm: torch.Tensor, release_error: torch.Tensor, threshold: float
+    norm: torch.Tensor, release_error: torch.Tensor, underflow: torch.Tensor, threshold: float
 ) -> torch.Tensor:
-    """Clip factors min(1, C·(1 + 1e-5) / (norm + release_error + 1e-6)), float64 [B], from the
-    bounds of per_example_grad_norm_bounds (each summed in quadrature over the layers of a
-    group): each example's released contribution is then at most C·(1 + 1e-5), rounding
-    included."""
+    """Clip factors clamp((C·(1 + 1e-5) - underflow) / (norm + release_error + 1e-6), 0, 1),
+    float64 [B], from the bounds of per_example_grad_norm_bounds (norm and release_error
+    summed in quadrature over the layers of a group, underflow summed): each example's
+    released contribution is then at most C·(1 + 1e-5), rounding included."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a Python number, got {type(threshold).__name__}")
     if not threshold >= 0:  # inf is allowed: no clipping
         raise ValueError(f"threshold must be a number >= 0, got {threshold}")
-    return norm_bounds.clip_factors(norm, release_error, threshold)
+    return norm_bounds.clip_factors(norm, release_error, underflow, threshold)
 
 
 def per_example_grad_norm_bounds(
     a: torch.Tensor, g: torch.Tensor, *, bias: bool = True
 ) -> torch.Tensor:
-    """Certified bounds (norm, release_error) of each example's linear-layer gradient, float64
-    [B] each.
+    """Certified bounds (norm, release_error, underflow) of each example's linear-layer
+    gradient, float64 [B] each.
 
     norm >= the exact norm ‖g_iᵀ a_i‖ (+ bias), within ~1e-5 of it on ordinary inputs;
     release_error bounds the rounding of clipped_grad_sum: for any clip factors c, the part of
     clipped_grad_sum(a, g, c, bias=bias) that example i contributes has norm at most
-    c_i·(norm_i + release_error_i), whatever the values of a and g (crafted cancellations,
-    magnitudes up to the dtype's range). clip_factors(norm, release_error, C) gives factors
+    c_i·(norm_i + release_error_i) + underflow_i, whatever the values of a and g (crafted
+    cancellations, magnitudes up to the dtype's range; underflow, absolute, is below 1e-30 for
+    ordinary fp32 inputs). clip_factors(norm, release_error, underflow, C) gives factors
     whose contributions are at most C·(1 + 1e-5). Both are finite for every finite example
     (inf or NaN only when a or g is); kernels/norm_bounds.py has the error analysis.
     """
@@ -288,7 +289,8 @@ def norm_affine_grad_sq_norms(
 def norm_affine_grad_norm_bounds(
     x_hat: torch.Tensor, g: torch.Tensor, *, bias: bool = True
 ) -> torch.Tensor:
-    """Certified bounds (norm, release_error) of each example's LayerNorm/RMSNorm affine gradient
+    """Certified bounds (norm, release_error, underflow) of each example's LayerNorm/RMSNorm
+    affine gradient
     (for norm_affine_clipped_grad_sum), float64 [B] each; see per_example_grad_norm_bounds."""
     sq = norm_affine_grad_sq_norms(x_hat, g, bias=bias)
     return norm_bounds.norm_affine_norm_bounds(sq, x_hat, g, bias=bias)
@@ -359,7 +361,8 @@ def embedding_grad_sq_norms(
 def embedding_grad_norm_bounds(
     ids: torch.Tensor, g: torch.Tensor, *, padding_idx: int | None = None
 ) -> torch.Tensor:
-    """Certified bounds (norm, release_error) of each example's embedding-table gradient (for
+    """Certified bounds (norm, release_error, underflow) of each example's embedding-table
+    gradient (for
     embedding_clipped_grad_sum), float64 [B] each; see per_example_grad_norm_bounds."""
     sq = embedding_grad_sq_norms(ids, g, padding_idx=padding_idx)
     keep = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)

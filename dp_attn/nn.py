@@ -67,8 +67,10 @@ def _bias_sq_norms(g: torch.Tensor) -> torch.Tensor:
 
 
 def _squared(bounds):
-    """(norm², release_error²): the form in which the bounds of a group's pieces add up."""
-    return tuple(b.square() for b in bounds)
+    """(norm², release_error², underflow): the form in which the bounds of a group's pieces
+    add up (the first two in quadrature, the absolute underflow linearly)."""
+    norm, release_error, underflow = bounds
+    return norm.square(), release_error.square(), underflow
 
 
 def _bias_clipped_sum(g: torch.Tensor, clip_factors: torch.Tensor) -> torch.Tensor:
@@ -123,8 +125,8 @@ class _LinearPiece:
         return DF.per_example_grad_sq_norms(self.a, self.g, bias=self.has_bias)
 
     def sq_norm_bounds(self):
-        """Squared certified bounds (norm², release_error²), float64 [B] each, of what
-        clipped_sums releases per unit clip factor (kernels/norm_bounds.py)."""
+        """Certified bounds (norm², release_error², underflow), float64 [B] each, of what
+        clipped_sums releases (kernels/norm_bounds.py)."""
         if not self.has_weight:
             return _squared(vector_sum_norm_bounds(self.g))
         return _squared(DF.per_example_grad_norm_bounds(self.a, self.g, bias=self.has_bias))
@@ -229,7 +231,7 @@ class _EmbeddingPiece:
 
 
 def group_sq_bounds(pieces):
-    """Squared certified bounds (norm², release_error²), float64 [B] each, of one privacy
+    """Certified bounds (norm², release_error², underflow), float64 [B] each, of one privacy
     group's per-example contribution. Pieces on different parameters add in quadrature; an
     embedding and an output head that share one weight (tied embeddings) need their cross
     term, since that weight's per-example gradient is the sum over both uses."""
@@ -248,12 +250,11 @@ def group_sq_bounds(pieces):
         embedding.ids, embedding.g, padding_idx=embedding.padding_idx
     )
     head_bounds = DF.per_example_grad_norm_bounds(head.a, head.g, bias=head.has_bias)
-    norm_sq, error_sq = _squared(tied_norm_bounds(emb_bounds, head_bounds, *cross))
+    total = _squared(tied_norm_bounds(emb_bounds, head_bounds, *cross))
     for piece in pieces:
         if piece is not embedding and piece is not head:
-            other_norm_sq, other_error_sq = piece.sq_norm_bounds()
-            norm_sq, error_sq = norm_sq + other_norm_sq, error_sq + other_error_sq
-    return norm_sq, error_sq
+            total = tuple(map(torch.add, total, piece.sq_norm_bounds()))
+    return total
 
 
 # ---------------------------------------------------------------- autograd Functions

@@ -3,10 +3,10 @@
 A clip factor must come from an upper bound of the norm of what is actually released, for any
 input: a crafted example can make the fp32 ghost sum Σ_{s,t}(a_s·a_t)(g_s·g_t) a difference
 of huge terms that comes out ~0 while the true norm is large. Each function here takes the
-fp32 squared norm a norm kernel (or its twin) computed and returns, in float64, two bounds
-(N_i, E_i) with
+fp32 squared norm a norm kernel (or its twin) computed and returns, in float64, three bounds
+(N_i, E_i, U_i) with
 
-    ‖R_i(c)‖ <= c·(N_i + E_i)   for every clip factor c >= 0,
+    ‖R_i(c)‖ <= c·(N_i + E_i) + U_i   for every clip factor c >= 0,
 
 where R_i(c) is what the matching clipped-sum kernel (or twin) adds to the released sum for
 example i with factor c. clip_factors turns them into factors with ‖R_i‖ <= C·(1 + 1e-5):
@@ -19,6 +19,9 @@ example i with factor c. clip_factors turns them into factors with ‖R_i‖ <= 
   overflowing or NaN fp32 sum of a finite example falls back to P_i and is never dropped.
 - E_i = ε_release·P_i bounds the rounding of the release: c·g rounded to fp32 (and to the
   input dtype for 16-bit tl.dot), then accumulated over all B·T rows in fp32.
+- U_i bounds, absolutely, what underflow can add (values below 2⁻¹²⁶, or among fp16's
+  subnormals, lose their relative precision): negligible unless C is tiny or the inputs near
+  fp32's overflow.
 
 u is fp32's unit roundoff 2⁻²⁴ on the CPU and 2⁻²³ on a GPU, where tensor cores may truncate
 rather than round their fp32 accumulation. P_i is computed in float64 (no overflow for any finite
@@ -81,24 +84,38 @@ def _release_error(rows: int, x: torch.Tensor, products: int = 1) -> float:
     return _grow(FP32_UNIT, cast, *([FP32_UNIT] * products), gamma(rows + 1, x.device))
 
 
-Bounds = tuple[torch.Tensor, torch.Tensor]  # (N_i, E_i), float64 [B] each
+# (N_i, E_i, U_i), float64 [B] each: ‖R_i(c)‖ <= c·(N_i + E_i) + U_i. U_i is absolute: values
+# that underflow (flush to zero on a GPU) lose at most 2⁻¹²⁶ each, whatever c; fp16's
+# subnormals are spaced 2⁻²⁴, so c·g rounded to fp16 may lose 2⁻²⁵ each.
+Bounds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+TINY = 2.0**-120  # per underflowing operation, with room for the count of operations' slack
 
 
-def _finish(exact_bound: torch.Tensor, p: torch.Tensor, release: float) -> Bounds:
-    """(N, E) = (min(N, P), ε_release·P), N replaced by P where it is not finite (P is finite
-    for every finite input; a non-finite P marks a non-finite example, dropped by the caller)."""
+def _finish(exact_bound: torch.Tensor, p: torch.Tensor, release: float, underflow) -> Bounds:
+    """(N, E, U) = (min(N, P), ε_release·P, underflow), N replaced by P where it is not finite
+    (P is finite for every finite input; a non-finite P marks a non-finite example, dropped by
+    the caller)."""
     n = torch.where(torch.isfinite(exact_bound), torch.minimum(exact_bound, p), p)
-    return n * (1.0 + HOST_SLACK), release * p * (1.0 + HOST_SLACK)
+    underflow = torch.as_tensor(underflow, dtype=torch.float64, device=p.device).expand_as(p)
+    return n * (1.0 + HOST_SLACK), release * p * (1.0 + HOST_SLACK), underflow
 
 
-def clip_factors(norm: torch.Tensor, release_error: torch.Tensor, threshold: float):
-    """min(1, C·(1 + RELEASE_ROUNDING) / (N + E + 1e-6)), float64: the released contribution
-    has norm <= c·(N + E) <= C·(1 + RELEASE_ROUNDING). On ordinary fp32 inputs E/N is a few
-    1e-6, inside that allowance, so the factors are those of the true norms to ~1e-5; where a
-    cancellation makes E large against N, E clips. 16-bit inputs round c·g to their dtype
-    before the tensor-core dot: E/N ~ 2⁻⁸·P/N for bf16, i.e. factors ~1% smaller."""
-    return torch.clamp(threshold * (1.0 + RELEASE_ROUNDING) / (norm + release_error + 1e-6),
-                       max=1.0)  # fmt: skip
+def _squares_underflow(entries: int) -> float:
+    """The norm lost by a sum of squares whose squares underflow (entries below 2⁻⁶³)."""
+    return 2.0**-62 * math.sqrt(entries)
+
+
+def clip_factors(norm, release_error, underflow, threshold: float):
+    """clamp((C·(1 + RELEASE_ROUNDING) - U) / (N + E + 1e-6), 0, 1), float64: the released
+    contribution has norm <= c·(N + E) + U <= C·(1 + RELEASE_ROUNDING). On ordinary fp32
+    inputs E/N is a few 1e-6, inside that allowance, and U below 1e-30, so the factors are
+    those of the true norms to ~1e-5; where a cancellation makes E large against N, E clips.
+    16-bit inputs round c·g to their dtype before the tensor-core dot: E/N ~ 2⁻⁸·P/N for bf16,
+    factors ~1% smaller; fp16's subnormals add U ~ 2⁻²⁵·√dout·Σ_t‖a_t‖. An example with U >= C
+    (activations near fp32's overflow with a tiny C) gets 0: it cannot be released safely."""
+    # (1 - 2u): the factor is cast to fp32 (one rounding up to u) before it scales g.
+    target = threshold * (1.0 + RELEASE_ROUNDING) * (1.0 - 2 * FP32_UNIT) - underflow
+    return torch.clamp(target / (norm + release_error + 1e-6), min=0.0, max=1.0)
 
 
 def ghost_rounding(seq_len: int, din: int, dout: int, device: torch.device) -> float:
@@ -122,7 +139,7 @@ def certified_norm_method(seq_len: int, din: int, dout: int, device: torch.devic
 
 
 def linear_norm_bounds(sq: torch.Tensor, a, g, *, bias: bool, method: str) -> Bounds:
-    """(N_i, E_i) for clipped_grad_sum(a, g, ...) from sq = per_example_grad_sq_norms(a, g,
+    """(N_i, E_i, U_i) for clipped_grad_sum(a, g, ...) from sq = per_example_grad_sq_norms(a, g,
     bias=bias, method=method), float64 [B] each."""
     a, g = _as_sequences(a), _as_sequences(g)
     batch, seq_len, din = a.shape
@@ -142,12 +159,17 @@ def linear_norm_bounds(sq: torch.Tensor, a, g, *, bias: bool, method: str) -> Bo
         tile = feature_block(dout) + feature_block(din) + 2
         summed = _grow(FP32_UNIT, gamma(tile, a.device), FP32_UNIT)
         exact = (sq / (1.0 - summed)).sqrt() + gamma(seq_len + 1, a.device) * p
-    return _finish(exact, p, _release_error(batch * seq_len, a))
+    exact = exact + _squares_underflow(din * dout + dout + seq_len * seq_len)
+    # c·g cast to fp16 may land among its subnormals; bf16 and fp32 only below 2⁻¹²⁶.
+    cast_loss = 2.0**-25 if a.dtype == torch.float16 else TINY
+    underflow = cast_loss * math.sqrt(dout) * (norms_a.sum(1) + 1.0) * (1.0 + HOST_SLACK)
+    underflow = underflow + TINY * batch * seq_len * math.sqrt((din + 1) * dout)
+    return _finish(exact, p, _release_error(batch * seq_len, a), underflow)
 
 
 def norm_affine_norm_bounds(sq: torch.Tensor, x_hat, g, *, bias: bool) -> Bounds:
-    """(N_i, E_i) for norm_affine_clipped_grad_sum from sq = norm_affine_grad_sq_norms, float64
-    [B] each."""
+    """(N_i, E_i, U_i) for norm_affine_clipped_grad_sum from sq = norm_affine_grad_sq_norms,
+    float64 [B] each."""
     x_hat, g = _as_sequences(x_hat), _as_sequences(g)
     batch, seq_len, d = x_hat.shape
     products = g.double() * x_hat.double()
@@ -157,31 +179,33 @@ def norm_affine_norm_bounds(sq: torch.Tensor, x_hat, g, *, bias: bool) -> Bounds
     p = per_token.sqrt().sum(1) * (1.0 + HOST_SLACK)
     summed = _grow(FP32_UNIT, gamma(min(d, 128) + 2, g.device), FP32_UNIT)
     exact = (sq.double().clamp(min=0.0) / (1.0 - summed)).sqrt()
-    exact = exact + gamma(seq_len + 1, g.device) * p
-    return _finish(exact, p, _release_error(batch * seq_len, g.float(), products=1))
+    exact = exact + gamma(seq_len + 1, g.device) * p + _squares_underflow(2 * d)
+    underflow = TINY * batch * seq_len * math.sqrt(2 * d)
+    return _finish(exact, p, _release_error(batch * seq_len, g.float(), products=1), underflow)
 
 
 def vector_sum_norm_bounds(g) -> Bounds:
-    """(N_i, E_i) of a bias-only layer, whose per-example gradient is Σ_t g_t, released as the sum
-    over examples of c_i·(Σ_t g_t) in fp32; computed here in float64 [B] each."""
+    """(N_i, E_i, U_i) of a bias-only layer, whose per-example gradient is Σ_t g_t, released as
+    the sum over examples of c_i·(Σ_t g_t) in fp32; computed here in float64 [B] each."""
     g = g.reshape(g.shape[0], -1, g.shape[-1])
     batch, seq_len = g.shape[0], g.shape[1]
     exact = g.double().sum(1).norm(dim=1)
     p = _row_norms(g).sum(1) * (1.0 + HOST_SLACK)
     exact = exact * (1.0 + HOST_SLACK) + seq_len * 2.0**-52 * p
     release = _grow(gamma(seq_len, g.device), FP32_UNIT, gamma(batch, g.device))
-    return _finish(exact, p, release)
+    return _finish(exact, p, release, TINY * (batch + seq_len) * math.sqrt(g.shape[-1]))
 
 
 def embedding_norm_bounds(sq: torch.Tensor, g, keep: torch.Tensor) -> Bounds:
-    """(N_i, E_i) for embedding_clipped_grad_sum from sq = embedding_grad_sq_norms (per-token
+    """(N_i, E_i, U_i) for embedding_clipped_grad_sum from sq = embedding_grad_sq_norms (per-token
     sums in float64, one final fp32 rounding), float64 [B] each. keep: [B, T] positions that are not
     padding. The release scatters c·g_t (one fp32 product) and adds into each row in fp32."""
     g = _as_sequences(g)
     batch, seq_len = g.shape[0], g.shape[1]
     q = torch.where(keep.reshape(batch, seq_len), _row_norms(g), 0.0).sum(1) * (1.0 + HOST_SLACK)
     exact = (sq.double().clamp(min=0.0) * (1.0 + 2 * FP32_UNIT)).sqrt() + seq_len * 2.0**-52 * q
-    return _finish(exact, q, _grow(FP32_UNIT, gamma(batch * seq_len + 1, g.device)))
+    release = _grow(FP32_UNIT, gamma(batch * seq_len + 1, g.device))
+    return _finish(exact, q, release, TINY * batch * seq_len * math.sqrt(g.shape[-1]))
 
 
 def _gamma64(n: int) -> float:
@@ -213,8 +237,8 @@ def tied_norm_bounds(embedding: Bounds, head: Bounds, cross, cross_error) -> Bou
     """(N, E) of one example's gradient of a tied embedding + head, from each use's bounds and
     their cross term: ‖W_e + W_h‖² = ‖W_e‖² + ‖W_h‖² + 2⟨W_e, W_h⟩ <= N_e² + N_h² + 2·(cross +
     its error), and never above N_e + N_h (triangle inequality: a cancelling cross term cannot
-    hurt). The releases' roundings add: E = E_e + E_h."""
-    (n_e, e_e), (n_h, e_h) = embedding, head
+    hurt). The releases' roundings add: E = E_e + E_h, U = U_e + U_h."""
+    (n_e, e_e, u_e), (n_h, e_h, u_h) = embedding, head
     sq = (n_e.square() + n_h.square() + 2.0 * (cross + cross_error)).clamp(min=0.0)
     n = torch.minimum(sq.sqrt(), n_e + n_h)
-    return n * (1.0 + HOST_SLACK), (e_e + e_h) * (1.0 + HOST_SLACK)
+    return n * (1.0 + HOST_SLACK), (e_e + e_h) * (1.0 + HOST_SLACK), u_e + u_h
