@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -88,6 +89,8 @@ class Comparison:
         """How many times longer the new run takes (above 1: slower)."""
         return 1 / self.ratio if self.higher_is_better else self.ratio
 
+
+SUMMARY_NAME = re.compile(r"\d{4}-\d{2}-\d{2}-.+\.json$")
 
 def _positive(value) -> bool:
     return (
@@ -257,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.baseline_dir.is_dir():
             mine = {path.resolve() for path in args.new}
             where = str(args.baseline_dir)
-            paths = [p for p in sorted(args.baseline_dir.glob("*.json")) if p.resolve() not in mine]
+            # Not the run summaries of bench/gpu_summary.py (<date>-<gpu>.json) beside them.
+            paths = [p for p in sorted(args.baseline_dir.glob("*.json"))
+                     if p.resolve() not in mine and not SUMMARY_NAME.match(p.name)]  # fmt: skip
         else:
             where, paths = f"{args.baseline_dir} (no such folder)", []
         baselines = [load_run(path) for path in paths]

@@ -1,6 +1,8 @@
 """Shared plumbing of the GPU benchmarks (pytest-benchmark).
 
 - The saved JSON's machine_info names the GPU and the torch, triton and CUDA versions.
+- DP_ATTN_BENCH_DEADLINE (seconds since the epoch): benchmarks not started by then are skipped,
+  so that a suite fits a GPU lease and still writes its JSON.
 - `record_comparison(table, case, provider, value)`: a higher-is-better number (e.g. TFLOP/s)
   of one provider on one case. At the end of the session every table is printed with, per case,
   ours (provider "ours") against the best other provider, and their ratio.
@@ -8,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections import defaultdict
 
 import pytest
@@ -15,6 +19,14 @@ import torch
 import triton
 
 _COMPARISONS: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+
+
+DEADLINE = float(os.environ.get("DP_ATTN_BENCH_DEADLINE", "inf"))
+
+
+def pytest_runtest_setup(item):
+    if time.time() > DEADLINE:
+        pytest.skip("past the suite's deadline (DP_ATTN_BENCH_DEADLINE)")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -6,7 +6,7 @@ FLOPs: 4·B·H·T²·D forward (half when causal), 2.5× that backward. Inputs a
 [B, T, H, D] (the output of a projection) and viewed as [B, H, T, D].
 
     TRITON_INTERPRET=0 python -m pytest bench/test_attention.py --benchmark-json=out.json
-    DP_ATTN_BENCH_QUICK=1 ...   # T in {1k, 4k, 16k}, D = 128 only
+    DP_ATTN_BENCH_QUICK=1 ...   # T in {1k, 4k, 16k} (one GPU lease: bench/run_gpu_suite.sh)
 
 At the end of the session a table per mode prints ours / best SDPA backend.
 """
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 QUICK = os.environ.get("DP_ATTN_BENCH_QUICK", "0") == "1"
 TOKENS, WIDTH = 16 * 1024, 2048
 SEQ_LENS = [1024, 4096, 16384] if QUICK else [512, 1024, 2048, 4096, 8192, 16384]
-HEAD_DIMS = [128] if QUICK else [64, 128]
+HEAD_DIMS = [64, 128]
 MODES = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # FLOPs relative to the forward
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
 PROVIDERS = ["ours", *(f"sdpa-{name.split('_')[0].lower()}" for name in SDPA_BACKENDS)]

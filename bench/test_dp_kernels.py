@@ -15,7 +15,7 @@ outputs included). A ratio table is printed at the end; every case also stores t
 and ratio in the benchmark JSON's extra_info.
 
     TRITON_INTERPRET=0 python -m pytest bench/test_dp_kernels.py --benchmark-json=out.json -s
-    DP_ATTN_BENCH_QUICK=1 ...   # T = 512 only
+    DP_ATTN_BENCH_QUICK=1 ...   # T in {1k, 4k, 16k} (one GPU lease: bench/run_gpu_suite.sh)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 QUICK = os.environ.get("DP_ATTN_BENCH_QUICK", "0") == "1"
 LAYERS = {"gpt2-mlp 768->3072": (768, 3072, 16384), "llama7b-mlp 4096->11008": (4096, 11008, 8192)}
-SEQ_LENS = [512] if QUICK else [128, 512, 2048, 8192]
+SEQ_LENS = [1024, 4096, 16384] if QUICK else [128, 512, 2048, 8192]
 CASES = ["gemm", "ghost", "inst", "clipped", "block", "opacus"]
 RESULTS: dict[tuple[str, int], dict[str, tuple[float, float]]] = {}
 

@@ -195,17 +195,20 @@ def _noise_kernel(
     tl.store(dst_ptr + offsets, acc.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
-# 16 elements of a 4096-element tile per thread: with 4 warps (32) the noised kernel spilled
-# 4-12 B on sm_80 and sm_90a, around the slow path of sin/cos's range reduction.
-NOISE_WARPS = 8
-
-
 def noise_grid(rows: int, width: int) -> tuple[tuple[int], int, int]:
     """(grid, BLOCK_R, BLOCK_W) of _noise_kernel on [rows, width]: tiles of about 4096
     elements, all on axis x (a single wide row would pass axis y's 65,535 at 2**28 elements)."""
     block_r = 1 if rows == 1 else 16
     block_w = max(16, min(4096 // block_r, triton.next_power_of_2(width)))
     return checked_grid(triton.cdiv(rows, block_r) * triton.cdiv(width, block_w)), block_r, block_w
+
+
+def noise_warps(block_r: int, block_w: int) -> int:
+    """_noise_kernel's warps: 8 for the 4096-element tiles (16 elements per thread; with 4
+    warps the noised kernel spilled 4-12 B on sm_80 and sm_90a, around the slow path of
+    sin/cos's range reduction), 4 for smaller tiles (8 warps spilled 4 B on [1, 1024] and
+    [16, 64] tiles; bench/compile_report.py)."""
+    return 8 if block_r * block_w >= 4096 else 4
 
 
 def finish_with_noise(src, dst, *, noise_std, scale, key, base=0, secure_mode=False):
@@ -219,7 +222,7 @@ def finish_with_noise(src, dst, *, noise_std, scale, key, base=0, secure_mode=Fa
         src, dst, rows, width, src.shape[0], src.stride(0),
         *noise_args(key, noise_std, secure_mode), base, scale,
         HAS_NOISE=noise_std > 0, SECURE=secure_mode, BLOCK_R=block_r, BLOCK_W=block_w,
-        num_warps=NOISE_WARPS,
+        num_warps=noise_warps(block_r, block_w),
     )
     return dst
 
