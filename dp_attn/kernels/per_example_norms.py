@@ -139,12 +139,16 @@ def _instantiate_sq_norm_kernel(
                     mask=(t[:, None] < T) & (cols_i[None, :] < DIN), other=0.0)
         acc = dot_acc(g_t, x, acc, DOT_FP32)
         if HAS_BIAS:
-            acc_b += tl.sum(g_t.to(tl.float32), axis=1)
+            if tile % n_i == 0:  # only the first-column tile reports its rows' bias sums
+                # A load of its own: the dot's operand feeding a reduction as well fails
+                # triton 3.6's OptimizeThreadLocality pass for fp32 (bench/compile_report.py).
+                g_b = tl.load(g_ptr + rows64[None, :] * DOUT + cols_o[:, None],
+                              mask=(t[None, :] < T) & (cols_o[:, None] < DOUT), other=0.0)
+                acc_b += tl.sum(g_b.to(tl.float32), axis=1)
     # Row sums, then their sum: at most BLOCK_O + BLOCK_I additions per term (norm_bounds).
     sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
     if HAS_BIAS:
-        # Every tile computed its rows' bias sums; the first-column tile reports them.
-        sq += tl.where(tile % n_i == 0, tl.sum(acc_b * acc_b), 0.0)
+        sq += tl.sum(acc_b * acc_b)  # 0 but in the first-column tile
     tl.store(part_ptr + tl.program_id(0).to(tl.int64), sq)
 
 
