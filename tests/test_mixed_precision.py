@@ -16,16 +16,16 @@ from tests.tiny_models import example_losses, make_batch, make_model
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def released(model, style, autocast_dtype=None, max_grad_norm=0.05):
+def released(model, style, autocast_dtype=None, max_grad_norm=0.05, device="cpu"):
     engine = PrivacyEngine()
     loader = DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=4)
     model, optimizer, _ = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
         noise_multiplier=0.0, max_grad_norm=max_grad_norm, clipping=style,
     )
-    ids, targets, mask = make_batch(batch=4, padded=True)
+    ids, targets, mask = (t.to(device) for t in make_batch(batch=4, padded=True))
     optimizer.zero_grad()
-    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+    with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None):  # fmt: skip
         logits = model(ids, mask)
     example_losses(logits.float(), targets).mean().backward()
@@ -44,6 +44,19 @@ def test_autocast_release_matches_fp32(style, dtype):
         assert g.dtype == torch.float32, name
         scale = want[name].abs().max()
         assert (g - want[name]).abs().max() <= tol * scale + 1e-6, name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_release_matches_fp32(dtype):
+    """The same on a GPU, through the compiled kernels (never run here: no GPU was lent)."""
+    model = make_model().cuda()
+    want = released(copy.deepcopy(model), "flat", device="cuda")
+    got = released(copy.deepcopy(model), "flat", autocast_dtype=dtype, device="cuda")
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    for name, g in got.items():
+        assert g.dtype == torch.float32, name
+        assert (g - want[name]).abs().max() <= tol * want[name].abs().max() + 1e-6, name
 
 
 def test_float64_model_is_refused_naming_module_and_dtype():
