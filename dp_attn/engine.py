@@ -57,7 +57,7 @@ from torch.utils.data.dataloader import default_collate
 from . import functional as DF
 from . import integrations
 from .accounting import PrivacyBudget, calibrate_noise_multiplier, make_accountant
-from .kernels.norm_bounds import RELEASE_ROUNDING
+from .kernels.norm_bounds import RELEASE_ROUNDING, as_fp32_factors, clip_factors
 from .kernels.utils import FLOAT_DTYPES
 from .nn import (
     DPConv1D,
@@ -312,8 +312,8 @@ class _Clipper:
         norms, errors = norm_sq.sqrt() * scale, error_sq.sqrt() * scale
         finite = torch.isfinite(norms)
         self._pass_nonfinite |= ~finite
-        factors = DF.clip_factors(norms, errors, underflow, threshold)
-        return (torch.where(finite, factors, 0.0) * scale).float()
+        factors = clip_factors(norms, errors, underflow, threshold)  # float64
+        return as_fp32_factors(torch.where(finite, factors, 0.0) * scale)
 
     def _add(self, sums) -> None:
         for param, rows, value in sums:

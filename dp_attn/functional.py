@@ -166,14 +166,16 @@ def clip_factors(
     norm: torch.Tensor, release_error: torch.Tensor, underflow: torch.Tensor, threshold: float
 ) -> torch.Tensor:
     """Clip factors clamp((C·(1 + 1e-5) - underflow) / (norm + release_error + 1e-6), 0, 1),
-    float64 [B], from the bounds of per_example_grad_norm_bounds (norm and release_error
-    summed in quadrature over the layers of a group, underflow summed): each example's
-    released contribution is then at most C·(1 + 1e-5), rounding included."""
+    float32 [B] rounded toward zero (what the clipped sums take), from the bounds of
+    per_example_grad_norm_bounds (norm and release_error summed in quadrature over the layers
+    of a group, underflow summed): each example's released contribution is then at most
+    C·(1 + 1e-5), rounding included."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise TypeError(f"threshold must be a Python number, got {type(threshold).__name__}")
     if not threshold >= 0:  # inf is allowed: no clipping
         raise ValueError(f"threshold must be a number >= 0, got {threshold}")
-    return norm_bounds.clip_factors(norm, release_error, underflow, threshold)
+    factors = norm_bounds.clip_factors(norm, release_error, underflow, threshold)
+    return norm_bounds.as_fp32_factors(factors)
 
 
 def per_example_grad_norm_bounds(

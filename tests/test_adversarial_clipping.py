@@ -299,3 +299,16 @@ def test_bounds_barely_move_benign_clip_factors(style, backend, monkeypatch):
         assert (ratio >= 1 - 1e-6).all() and (ratio <= 1 + 1e-4).all(), ratio
     for (norm_sq, error_sq, _), _, _ in seen:  # the rounding share does not bind
         assert (error_sq.sqrt() <= 1e-5 * norm_sq.sqrt()).all()
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-6, 1e-30])
+@pytest.mark.parametrize("style", STYLES)
+def test_subnormal_clip_factors_do_not_round_up(style, max_grad_norm, backend):
+    """Found by an attack on the bounds: a gradient so large against C that its clip factor
+    falls among fp32's subnormals (~1.5·2⁻¹⁴⁹), where a cast to nearest rounds it up by a
+    third: 1.33·C was released. Factors are now rounded toward zero (block: flushed)."""
+    weight = max_grad_norm / (1.5 * 2.0**-149) / 2  # the gradient's norm: C / (1.5·2⁻¹⁴⁹)
+    model = nn.Sequential(nn.Linear(2, 2, bias=False))
+    x, w = torch.ones(1, 1, 2), torch.full((1, 1, 2), weight)
+    groups = released_groups(model, lambda m: (m(x) * w).sum(), style, max_grad_norm)
+    assert_bounded(groups, style, max_grad_norm)

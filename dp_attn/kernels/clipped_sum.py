@@ -27,6 +27,7 @@ from .reference import BELOW_ONE, BLOCK_CLIP_TILE, NOISE_LANES, TWO_PI_POW_M32, 
 from .utils import checked_grid, interpreting, noise_key
 
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
+FLT_MIN_NORMAL = tl.constexpr(1.1754943508222875e-38)
 TWO_POW_M32 = tl.constexpr(2.0**-32)
 TWO_POW_M64 = tl.constexpr(2.0**-64)
 U_MAX = tl.constexpr(BELOW_ONE)
@@ -408,6 +409,9 @@ def _block_clipped_sum_kernel(
             norm = tl.sqrt(tl.sum(tile_i * tile_i) + tl.sum(bias_i * bias_i))
             # Non-finite norm (NaN/inf in this example): factor 0 and the tile adds exactly 0.
             factor = tl.where(norm <= FLT_MAX, tl.minimum(1.0, threshold / (norm + 1e-6)), 0.0)
+            # A subnormal factor is rounded by up to a third of itself: such a tile (norm
+            # above 2^126 thresholds) adds 0, never more than its threshold.
+            factor = tl.where(factor >= FLT_MIN_NORMAL, factor, 0.0)
             acc += tl.where(factor > 0.0, tile_i * factor, 0.0)
             acc_b += tl.where(factor > 0.0, bias_i * factor, 0.0)
             tile_i = tl.zeros((BLOCK_O, BLOCK_I), tl.float32)

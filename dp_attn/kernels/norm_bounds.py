@@ -118,6 +118,15 @@ def clip_factors(norm, release_error, underflow, threshold: float):
     return torch.clamp(target / (norm + release_error + 1e-6), min=0.0, max=1.0)
 
 
+def as_fp32_factors(factors: torch.Tensor) -> torch.Tensor:
+    """float64 clip factors as the fp32 the kernels take, rounded toward zero: a plain cast
+    rounds to nearest, up by a relative 2⁻²⁴ for normal values but by up to a third for a
+    factor among fp32's subnormals (found by an attack: 1.33·C released)."""
+    rounded = factors.float()
+    down = torch.nextafter(rounded, torch.zeros_like(rounded))
+    return torch.where(rounded.double() > factors, down, rounded)
+
+
 def ghost_rounding(seq_len: int, din: int, dout: int, device: torch.device) -> float:
     """Relative (to P²) bound of the ghost path's error: Gram entries over din(+1) and dout
     features, one product, and the tiled reduction (two in-tile sums of BLOCK_T terms, then one

@@ -261,6 +261,7 @@ def block_clipped_grad_sum(
             norm = sq.sqrt()
             factor = torch.clamp(threshold / (norm + 1e-6), max=1.0)
             factor = torch.where(torch.isfinite(norm), factor, 0.0)
+            factor = torch.where(factor >= torch.finfo(torch.float32).tiny, factor, 0.0)
             keep = (factor > 0)[:, None, None]
             weight[o : o + rows, k : k + cols] = torch.where(
                 keep, tile * factor[:, None, None], 0.0
