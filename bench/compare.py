@@ -92,6 +92,7 @@ class Comparison:
 
 SUMMARY_NAME = re.compile(r"\d{4}-\d{2}-\d{2}-.+\.json$")
 
+
 def _positive(value) -> bool:
     return (
         isinstance(value, (int, float))
@@ -261,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
             mine = {path.resolve() for path in args.new}
             where = str(args.baseline_dir)
             # Not the run summaries of bench/gpu_summary.py (<date>-<gpu>.json) beside them.
-            paths = [p for p in sorted(args.baseline_dir.glob("*.json"))
-                     if p.resolve() not in mine and not SUMMARY_NAME.match(p.name)]  # fmt: skip
+            paths = [
+                p
+                for p in sorted(args.baseline_dir.glob("*.json"))
+                if p.resolve() not in mine and not SUMMARY_NAME.match(p.name)
+            ]
         else:
             where, paths = f"{args.baseline_dir} (no such folder)", []
         baselines = [load_run(path) for path in paths]

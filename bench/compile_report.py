@@ -51,7 +51,14 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from dp_attn.kernels import clipped_sum, flash_attn, per_example_norms, small_layers
+from dp_attn.kernels import (
+    clipped_sum,
+    embedding,
+    flash_attn,
+    noise,
+    norm_affine,
+    per_example_norms,
+)
 
 # Per-block shared memory a kernel may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 ARCHS = {"sm_80": (80, 166_912), "sm_90a": (90, 232_448)}
@@ -109,8 +116,10 @@ def captured_launches() -> Iterator[list[Launch]]:
     def jit_run(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, args, kwargs))
 
-    with mock.patch.object(Autotuner, "run", autotuner_run), \
-            mock.patch.object(JITFunction, "run", jit_run):  # fmt: skip
+    with (
+        mock.patch.object(Autotuner, "run", autotuner_run),
+        mock.patch.object(JITFunction, "run", jit_run),
+    ):
         yield launches
 
 
@@ -152,9 +161,10 @@ def kernel_name(fn: JITFunction) -> str:
 def config_text(fn: JITFunction, constexprs: dict, options) -> str:
     names = {(i,): name for i, name in enumerate(fn.arg_names)}
     blocks = " ".join(
-        f"{names[path]}={value}" for path, value in constexprs.items()
+        f"{names[path]}={value}"
+        for path, value in constexprs.items()
         if names.get(path, "").startswith("BLOCK_")
-    )  # fmt: skip
+    )
     return f"{blocks} w{options.num_warps} s{options.num_stages}".strip()
 
 
@@ -171,8 +181,10 @@ def compile_launch(launch: Launch, arch: str) -> tuple[dict, tuple, tuple]:
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     signature, constexprs, attrs, options = specialise(launch, backend)
-    fields = {"kernel": kernel_name(launch.fn),
-              "config": config_text(launch.fn, constexprs, options)}  # fmt: skip
+    fields = {
+        "kernel": kernel_name(launch.fn),
+        "config": config_text(launch.fn, constexprs, options),
+    }
     key = (launch.fn, arch, repr(signature), repr(constexprs), repr(attrs), repr(options))
     return fields, key, (ASTSource(launch.fn, signature, constexprs, attrs), target, options)
 
@@ -184,11 +196,19 @@ def run_compile(src, target, options) -> dict:
             compiled = triton.compile(src, target=target, options=options.__dict__)
     except Exception as error:  # every compile failure becomes a failed row, not a crash
         message = f"{type(error).__name__}: {error}".splitlines()
-        return {"registers": None, "spill_bytes": None, "smem_bytes": None,
-                "error": message[0][:300] if message else type(error).__name__}  # fmt: skip
+        return {
+            "registers": None,
+            "spill_bytes": None,
+            "smem_bytes": None,
+            "error": message[0][:300] if message else type(error).__name__,
+        }
     registers, spills = ptxas_usage(log.getvalue())
-    return {"registers": registers, "spill_bytes": spills,
-            "smem_bytes": compiled.metadata.shared, "error": None}  # fmt: skip
+    return {
+        "registers": registers,
+        "spill_bytes": spills,
+        "smem_bytes": compiled.metadata.shared,
+        "error": None,
+    }
 
 
 def judge(row: dict, dtype: torch.dtype, smem_limit: int) -> dict:
@@ -223,18 +243,14 @@ def _attention(head_dim: int, causal: bool, gqa: bool):
 def _linear(T: int, din: int, dout: int, method: str):
     """Per-example norms (one path), the clipped sum and the block-clipped sum (one program
     per tile, and split over programs as on a GPU with more SMs than tiles): as the engine
-    calls them (fp32 sums without noise: it noises the summed gradients once per step, by
-    add_gaussian_noise_), and noised as the functional API may, with and without secure_mode
-    (the CI subset: with secure_mode, whose epilogue is the other's and one rounding more)."""
+    calls them (fp32 sums; it noises the summed gradients once per step, by
+    add_gaussian_noise_), and in the input dtype, the functional API's default."""
 
     def call(dtype, full):
         a, g = torch.zeros(2, T, din, dtype=dtype), torch.zeros(2, T, dout, dtype=dtype)
         c = torch.ones(2)
         per_example_norms.per_example_grad_sq_norms(a, g, bias=True, method=method)
-        noised = [{"noise_std": 1.0, "seed": 0, "secure_mode": True}]
-        if full:
-            noised.append({"noise_std": 1.0, "seed": 0})
-        for options in ({"out_dtype": torch.float32}, *noised):
+        for options in ({"out_dtype": torch.float32}, {}):
             clipped_sum.clipped_grad_sum(a, g, c, **options)
             clipped_sum.block_clipped_grad_sum(a, g, 1.0, **options)
             with mock.patch.object(clipped_sum, "block_clip_splits", lambda *_: 2):
@@ -247,10 +263,9 @@ def _small_layers(T: int, d: int, vocab: int):
     def call(dtype, full):
         x, g = torch.zeros(2, T, d, dtype=dtype), torch.zeros(2, T, d, dtype=dtype)
         ids, c = torch.zeros(2, T, dtype=torch.int64), torch.ones(2)
-        small_layers.norm_affine_grad_sq_norms(x, g, bias=True)
-        small_layers.norm_affine_clipped_grad_sum(x, g, c, noise_std=1.0, seed=0)
-        small_layers.embedding_clipped_grad_sum(ids, g, c, vocab, noise_std=1.0, seed=0,
-                                                padding_idx=0)  # fmt: skip
+        norm_affine.norm_affine_grad_sq_norms(x, g, bias=True)
+        norm_affine.norm_affine_clipped_grad_sum(x, g, c)
+        embedding.embedding_clipped_grad_sum(ids, g, c, vocab, padding_idx=0)
 
     return call
 
@@ -258,8 +273,9 @@ def _small_layers(T: int, d: int, vocab: int):
 def _noise(rows: int, width: int):
     def call(dtype, full):
         for secure in (False, True):
-            clipped_sum.add_gaussian_noise_(torch.zeros(rows, width, dtype=dtype), 1.0, seed=0,
-                                            secure_mode=secure)  # fmt: skip
+            noise.add_gaussian_noise_(
+                torch.zeros(rows, width, dtype=dtype), 1.0, seed=0, secure_mode=secure
+            )
 
     return call
 
@@ -270,18 +286,31 @@ def cases() -> list[Case]:
     # Every block width the candidate tables cover, and a head dim padded to the next one.
     for head_dim in [*sorted(flash_attn._FWD_CANDIDATES), 80]:
         for causal, gqa, label in ((False, False, "MHA"), (True, True, "GQA causal lengths")):
-            found.append(Case(f"D={head_dim} {label}", every, _attention(head_dim, causal, gqa),
-                              in_subset=head_dim == 128 and gqa))  # fmt: skip
+            found.append(
+                Case(
+                    f"D={head_dim} {label}",
+                    every,
+                    _attention(head_dim, causal, gqa),
+                    in_subset=head_dim == 128 and gqa,
+                )
+            )
     layers = [
         ("GPT-2 MLP T=1024 768x3072", 1024, 768, 3072, True),
         ("narrow T=48 40x24", 48, 40, 24, False),
     ]
     for label, T, din, dout, subset in layers:
         for method in ("ghost", "instantiate"):
-            found.append(Case(f"{label} {method}", every, _linear(T, din, dout, method),
-                              in_subset=subset and method == "instantiate"))  # fmt: skip
-    found.append(Case("T=1024 d=768 vocab=50257", every, _small_layers(1024, 768, 50257),
-                      in_subset=True))  # fmt: skip
+            found.append(
+                Case(
+                    f"{label} {method}",
+                    every,
+                    _linear(T, din, dout, method),
+                    in_subset=subset and method == "instantiate",
+                )
+            )
+    found.append(
+        Case("T=1024 d=768 vocab=50257", every, _small_layers(1024, 768, 50257), in_subset=True)
+    )
     found.append(Case("T=48 d=40 vocab=1000", every, _small_layers(48, 40, 1000)))
     found.append(Case("768x3072", every, _noise(768, 3072), in_subset=True))
     found.append(Case("1x50", every, _noise(1, 50)))
@@ -298,8 +327,13 @@ def timed_compile(index: int) -> tuple[dict, float]:
     return result, time.perf_counter() - start
 
 
-def report(full: bool, archs: list[str], dtypes: list[torch.dtype] | None = None,
-           progress=None, jobs: int = 1) -> list[dict]:  # fmt: skip
+def report(
+    full: bool,
+    archs: list[str],
+    dtypes: list[torch.dtype] | None = None,
+    progress=None,
+    jobs: int = 1,
+) -> list[dict]:
     """Compile every captured launch of the chosen cases; one row per distinct compile, `jobs`
     compiles at a time (in forked processes: ptxas and Triton's passes are CPU-bound)."""
     triton.knobs.compilation.always_compile = True  # ptxas must run (and log) every time
@@ -320,9 +354,13 @@ def report(full: bool, archs: list[str], dtypes: list[torch.dtype] | None = None
                     fields, key, job = compile_launch(launch, arch)
                     if key not in seen:
                         seen.add(key)
-                        fields = {**fields, "arch": arch,
-                                  "dtype": str(dtype).removeprefix("torch."), "shape": case.shape}
-                        pending.append((fields, dtype, job))  # fmt: skip
+                        fields = {
+                            **fields,
+                            "arch": arch,
+                            "dtype": str(dtype).removeprefix("torch."),
+                            "shape": case.shape,
+                        }
+                        pending.append((fields, dtype, job))
     _JOBS[:] = [job for _, _, job in pending]
     with contextlib.ExitStack() as stack:
         if jobs > 1:
@@ -340,13 +378,26 @@ def report(full: bool, archs: list[str], dtypes: list[torch.dtype] | None = None
 
 
 def versions() -> dict:
-    return {"triton": triton.__version__, "torch": torch.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}  # fmt: skip
+    return {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
 
 
-COLUMNS = ("kernel", "arch", "dtype", "shape", "config", "registers", "spill_bytes",
-           "smem_bytes", "ok", "error")  # fmt: skip
+COLUMNS = (
+    "kernel",
+    "arch",
+    "dtype",
+    "shape",
+    "config",
+    "registers",
+    "spill_bytes",
+    "smem_bytes",
+    "ok",
+    "error",
+)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -374,12 +425,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true",
-                        help="every case, head dim and dtype (default: the CI subset)")
-    parser.add_argument("--arch", choices=ARCHS, action="append",
-                        help="only this arch (repeatable; default: all)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="compiles at a time (default: the CPU count)")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every case, head dim and dtype (default: the CI subset)",
+    )
+    parser.add_argument(
+        "--arch", choices=ARCHS, action="append", help="only this arch (repeatable; default: all)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="compiles at a time (default: the CPU count)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     args = parser.parse_args(argv)
@@ -387,9 +446,12 @@ def main(argv=None) -> int:
     def progress(row, seconds):
         regs = "-" if row["registers"] is None else row["registers"]
         status = "ok" if row["ok"] else f"FAIL {row['error']}"
-        print(f"{row['kernel']:<28} {row['arch']:<6} {row['dtype']:<8} {row['shape']:<28} "
-              f"{row['config']:<34} regs {regs:>3} spill {row['spill_bytes']} "
-              f"smem {row['smem_bytes']} {seconds:5.1f}s {status}", flush=True)  # fmt: skip
+        print(
+            f"{row['kernel']:<28} {row['arch']:<6} {row['dtype']:<8} {row['shape']:<28} "
+            f"{row['config']:<34} regs {regs:>3} spill {row['spill_bytes']} "
+            f"smem {row['smem_bytes']} {seconds:5.1f}s {status}",
+            flush=True,
+        )
 
     meta = versions()
     print(f"triton {meta['triton']}, torch {meta['torch']}", flush=True)

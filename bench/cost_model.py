@@ -78,20 +78,28 @@ def kernels(model: str, T: int) -> dict[str, list[tuple[str, float, float]]]:
         f, b = gemm(T, din, dout)
         path, nf, nb = norm_pass(T, din, dout)
         styles["non-private"].append((f"linear {din}x{dout} wgrad", f, b))
-        styles["flat / per-layer"] += [(f"linear {din}x{dout} norms ({path})", nf, nb),
-                                       (f"linear {din}x{dout} clipped sum", f, b)]  # fmt: skip
+        styles["flat / per-layer"] += [
+            (f"linear {din}x{dout} norms ({path})", nf, nb),
+            (f"linear {din}x{dout} clipped sum", f, b),
+        ]
         styles["block"].append((f"linear {din}x{dout} block-clipped sum", f, b))
     return styles
 
 
 def totals(rows) -> tuple[float, float, float]:
-    return (sum(r[1] for r in rows), sum(r[2] for r in rows),
-            sum(roofline(r[1], r[2]) for r in rows))  # fmt: skip
+    return (
+        sum(r[1] for r in rows),
+        sum(r[2] for r in rows),
+        sum(roofline(r[1], r[2]) for r in rows),
+    )
 
 
 def step_table() -> list[str]:
-    lines = ["| model | T | non-private: TFLOP, GB, roofline ms | flat / per-layer: ratio of "
-             "FLOPs, bytes, time | block: ratio of FLOPs, bytes, time |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | T | non-private: TFLOP, GB, roofline ms | flat / per-layer: ratio of "
+        "FLOPs, bytes, time | block: ratio of FLOPs, bytes, time |",
+        "|---|---|---|---|---|",
+    ]
     for model in MODELS:
         for T in SEQ_LENS:
             styles = {k: totals(v) for k, v in kernels(model, T).items()}
@@ -106,8 +114,10 @@ def step_table() -> list[str]:
 
 def kernel_table(model: str, T: int) -> list[str]:
     """The DP kernels of one block (each distinct layer shape once, with its count)."""
-    lines = [f"| {model}, T = {T}: DP kernel | count | GFLOP | MB | roofline µs | bound by |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| {model}, T = {T}: DP kernel | count | GFLOP | MB | roofline µs | bound by |",
+        "|---|---|---|---|---|---|",
+    ]
     rows: dict[str, list] = {}
     for style, found in kernels(model, T).items():
         for name, f, b in found:
@@ -115,8 +125,10 @@ def kernel_table(model: str, T: int) -> list[str]:
                 rows.setdefault(f"{style}: {name}", [0, f, b])[0] += 1
     for name, (count, f, b) in rows.items():
         bound = "FLOPs" if f / PEAK_FLOPS >= b / PEAK_BYTES else "HBM"
-        lines.append(f"| {name} | {count} | {f / 1e9:.1f} | {b / 1e6:.1f} | "
-                     f"{roofline(f, b) * 1e6:.1f} | {bound} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {count} | {f / 1e9:.1f} | {b / 1e6:.1f} | "
+            f"{roofline(f, b) * 1e6:.1f} | {bound} |"
+        )
     return lines
 
 

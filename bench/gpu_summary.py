@@ -57,8 +57,11 @@ def _ratio(num, den) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(row) + " |" for row in rows)]  # fmt: skip
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
 
 
 def attention_table(benchmarks: list[dict]) -> list[str]:
@@ -72,8 +75,13 @@ def attention_table(benchmarks: list[dict]) -> list[str]:
     for key in sorted(cells, key=lambda k: (k[0], k[1], k[2], k[3])):
         got = cells[key]
         ours = got.get("ours")
-        rows.append([*map(str, key), f"{ours:.1f}" if ours else "-",
-                     *(_ratio(ours, got.get(p)) for p in SDPA_PROVIDERS)])  # fmt: skip
+        rows.append(
+            [
+                *map(str, key),
+                f"{ours:.1f}" if ours else "-",
+                *(_ratio(ours, got.get(p)) for p in SDPA_PROVIDERS),
+            ]
+        )
     return _table(header, rows)
 
 
@@ -86,8 +94,14 @@ def dp_kernels_table(benchmarks: list[dict]) -> list[str]:
     header = ["layer", "T", *(f"{c} / gemm" for c in cases), "opacus / ghost"]
     rows = []
     for (layer, seq), got in sorted(cells.items()):
-        rows.append([layer, str(seq), *(_ratio(got.get(c), got.get("gemm")) for c in cases),
-                     _ratio(got.get("opacus"), got.get("ghost"))])  # fmt: skip
+        rows.append(
+            [
+                layer,
+                str(seq),
+                *(_ratio(got.get(c), got.get("gemm")) for c in cases),
+                _ratio(got.get("opacus"), got.get("ghost")),
+            ]
+        )
     return _table(header, rows)
 
 
@@ -98,14 +112,23 @@ def training_table(benchmarks: list[dict]) -> list[str]:
         cells.setdefault(e["T"], {})[e["method"]] = b["median_s"]
     methods = sorted({m for got in cells.values() for m in got} - {TRAINING_BASELINE})
     opacus = [m for m in methods if m.startswith("opacus")]
-    header = ["T", f"{TRAINING_BASELINE} ms", *(f"{m} / non-private" for m in methods),
-              *(f"{m} / ours flat" for m in opacus)]  # fmt: skip
+    header = [
+        "T",
+        f"{TRAINING_BASELINE} ms",
+        *(f"{m} / non-private" for m in methods),
+        *(f"{m} / ours flat" for m in opacus),
+    ]
     rows = []
     for T, got in sorted(cells.items()):
         base = got.get(TRAINING_BASELINE)
-        rows.append([str(T), f"{base * 1e3:.0f}" if base else "-",
-                     *(_ratio(got.get(m), base) for m in methods),
-                     *(_ratio(got.get(m), got.get("ours flat")) for m in opacus)])  # fmt: skip
+        rows.append(
+            [
+                str(T),
+                f"{base * 1e3:.0f}" if base else "-",
+                *(_ratio(got.get(m), base) for m in methods),
+                *(_ratio(got.get(m), got.get("ours flat")) for m in opacus),
+            ]
+        )
     return _table(header, rows)
 
 
@@ -118,9 +141,11 @@ def markdown(run: dict) -> str:
         "times are >1 where ours is slower, of TFLOP/s >1 where ours is faster.",
         "",
     ]
-    sections = (("attention", "Attention (bf16)", attention_table),
-                ("dp_kernels", "DP kernels (bf16)", dp_kernels_table),
-                ("training_step", "Training step", training_table))  # fmt: skip
+    sections = (
+        ("attention", "Attention (bf16)", attention_table),
+        ("dp_kernels", "DP kernels (bf16)", dp_kernels_table),
+        ("training_step", "Training step", training_table),
+    )
     for suite, title, table in sections:
         lines += [f"## {title}", ""]
         lines += table(run["suites"][suite]) if run["suites"].get(suite) else ["(not run)"]

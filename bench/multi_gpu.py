@@ -103,12 +103,17 @@ def run(args, private: bool, distributed: bool, device, dtype) -> float:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
     if private:
         # the loader only sets q = global batch / N; the timed steps use fixed batches
-        data = DataLoader(TensorDataset(torch.zeros(100 * args.batch * world)),
-                          batch_size=args.batch * world)  # fmt: skip
+        data = DataLoader(
+            TensorDataset(torch.zeros(100 * args.batch * world)), batch_size=args.batch * world
+        )
         engine = DistributedPrivacyEngine() if distributed else PrivacyEngine()
         model, optimizer, _ = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=data, noise_multiplier=1.0,
-            max_grad_norm=1.0, clipping="flat",
+            module=model,
+            optimizer=optimizer,
+            data_loader=data,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            clipping="flat",
         )
     return time_steps(model, optimizer, ids, args.steps, device)
 
@@ -142,12 +147,16 @@ def main() -> None:
         results[name] = {"single_s": single, "distributed_s": multi, "efficiency": single / multi}
     if dist.get_rank() == 0:
         world = dist.get_world_size()
-        print(f"{args.parallel}, world size {world}, {args.batch} x {args.seq} tokens per GPU "
-              "per step")
+        print(
+            f"{args.parallel}, world size {world}, {args.batch} x {args.seq} tokens per GPU "
+            "per step"
+        )
         print(f"{'':12} {'1 GPU ms':>10} {f'{world} GPUs ms':>12} {'efficiency':>11}")
         for name, r in results.items():
-            print(f"{name:12} {1e3 * r['single_s']:10.1f} {1e3 * r['distributed_s']:12.1f} "
-                  f"{r['efficiency']:11.3f}")  # fmt: skip
+            print(
+                f"{name:12} {1e3 * r['single_s']:10.1f} {1e3 * r['distributed_s']:12.1f} "
+                f"{r['efficiency']:11.3f}"
+            )
         ratio = results["private"]["distributed_s"] / results["non-private"]["distributed_s"]
         print(f"private / non-private step time on {world} GPUs: {ratio:.2f}")
         if args.json:
@@ -158,8 +167,16 @@ def main() -> None:
                 "date": datetime.date.today().isoformat(),
             }
             with open(args.json, "w") as f:
-                json.dump({"machine": machine, "world_size": world, "args": vars(args),
-                           "results": results}, f, indent=2)  # fmt: skip
+                json.dump(
+                    {
+                        "machine": machine,
+                        "world_size": world,
+                        "args": vars(args),
+                        "results": results,
+                    },
+                    f,
+                    indent=2,
+                )
     dist.destroy_process_group()
 
 

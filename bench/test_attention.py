@@ -90,9 +90,17 @@ def test_attention_tflops(benchmark, record_comparison, D, T, causal, mode, prov
     flops = 4 * B * H * T * T * D * (0.5 if causal else 1.0) * MODES[mode]
     tflops = flops * calls / benchmark.stats.stats.median / 1e12
     benchmark.extra_info.update(
-        provider=provider, mode=mode, B=B, H=H, T=T, D=D, causal=causal, calls_per_round=calls,
-        tflops=round(tflops, 2), dtype="bfloat16",
-    )  # fmt: skip
+        provider=provider,
+        mode=mode,
+        B=B,
+        H=H,
+        T=T,
+        D=D,
+        causal=causal,
+        calls_per_round=calls,
+        tflops=round(tflops, 2),
+        dtype="bfloat16",
+    )
     record_comparison(
         f"attention {mode}: TFLOP/s, ours vs best SDPA backend (bf16, B*T=16k, H*D=2048)",
         f"D={D:<3} T={T:<5} {'causal' if causal else 'dense'}",

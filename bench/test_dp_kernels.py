@@ -54,9 +54,9 @@ def operation(case, a, g):
         method = "ghost" if case == "ghost" else "instantiate"
         return lambda: F.per_example_grad_sq_norms(a, g, method=method)
     if case == "clipped":
-        return lambda: F.clipped_grad_sum(a, g, clip, noise_std=1.0, scale=1 / batch)
+        return lambda: F.clipped_grad_sum(a, g, clip, scale=1 / batch)
     if case == "block":
-        return lambda: F.block_clipped_grad_sum(a, g, 0.1, noise_std=1.0, scale=1 / batch)
+        return lambda: F.block_clipped_grad_sum(a, g, 0.1, scale=1 / batch)
     linear_module = pytest.importorskip("opacus.grad_sample.linear")
     layer = torch.nn.Linear(din, dout, device="cuda", dtype=torch.bfloat16)
     return lambda: linear_module.compute_linear_norm_sample(layer, [a], g)
@@ -97,9 +97,16 @@ def test_dp_kernel(benchmark, layer, seq, case):
     RESULTS.setdefault((layer, seq), {})[case] = (seconds, memory)
     gemm = RESULTS[(layer, seq)].get("gemm", (float("nan"), 0.0))[0]
     benchmark.extra_info.update(
-        layer=layer, seq=seq, batch=a.shape[0], case=case, time_ms=seconds * 1e3,
-        peak_extra_mib=memory, ratio_to_gemm=seconds / gemm, gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__, triton=__import__("triton").__version__,
+        layer=layer,
+        seq=seq,
+        batch=a.shape[0],
+        case=case,
+        time_ms=seconds * 1e3,
+        peak_extra_mib=memory,
+        ratio_to_gemm=seconds / gemm,
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
     )
 
 
@@ -107,8 +114,11 @@ def test_zz_print_ratio_table(capsys):
     """Time ratio to the plain GEMM and peak extra memory of every case of this run."""
     if not RESULTS:
         pytest.skip("no benchmark ran")
-    lines = [f"{'layer':24} {'T':>5} {'gemm ms':>8} "
-             + " ".join(f"{c:>16}" for c in CASES[1:]) + "   (ratio to gemm / extra MiB)"]
+    lines = [
+        f"{'layer':24} {'T':>5} {'gemm ms':>8} "
+        + " ".join(f"{c:>16}" for c in CASES[1:])
+        + "   (ratio to gemm / extra MiB)"
+    ]
     for (layer, seq), row in RESULTS.items():
         gemm = row.get("gemm", (float("nan"), 0.0))[0]
         cells = []

@@ -129,8 +129,12 @@ def _build(method: str, length: int):
         from dp_attn import PrivacyEngine
 
         model, optimizer, _ = PrivacyEngine().make_private(
-            module=model, optimizer=optimizer, data_loader=_loader(), noise_multiplier=1.0,
-            max_grad_norm=1.0, clipping=method.split()[1],
+            module=model,
+            optimizer=optimizer,
+            data_loader=_loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            clipping=method.split()[1],
         )
     elif method.startswith("opacus"):
         opacus = pytest.importorskip("opacus")
@@ -138,8 +142,13 @@ def _build(method: str, length: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             private = opacus.PrivacyEngine(accountant="prv").make_private(
-                module=model, optimizer=optimizer, data_loader=_loader(), noise_multiplier=1.0,
-                max_grad_norm=1.0, grad_sample_mode=mode, criterion=nn.CrossEntropyLoss(),
+                module=model,
+                optimizer=optimizer,
+                data_loader=_loader(),
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                grad_sample_mode=mode,
+                criterion=nn.CrossEntropyLoss(),
                 poisson_sampling=False,
             )
         if mode == "ghost":

@@ -41,16 +41,31 @@ def _add_epsilon_command(sub) -> None:
         description="Upper bound on the ε of T Poisson-subsampled Gaussian steps at a given δ, "
         "or of a schedule of such runs read from a file.",
     )
-    p.add_argument("--noise-multiplier", type=float, metavar="Z",
-                   help="noise std / clipping norm, >= 0 (required without --schedule)")
-    p.add_argument("--sample-rate", type=float, metavar="Q",
-                   help="Poisson sampling rate in (0, 1] (required without --schedule)")
-    p.add_argument("--steps", type=_steps, metavar="T",
-                   help="number of steps, e.g. 10000 or 1e4 (required without --schedule)")
-    p.add_argument("--schedule", metavar="FILE",
-                   help="CSV or JSON (.json) rows of noise_multiplier, sample_rate, steps, "
-                   "composed in order, instead of --noise-multiplier/--sample-rate/--steps "
-                   "(default: none)")  # fmt: skip
+    p.add_argument(
+        "--noise-multiplier",
+        type=float,
+        metavar="Z",
+        help="noise std / clipping norm, >= 0 (required without --schedule)",
+    )
+    p.add_argument(
+        "--sample-rate",
+        type=float,
+        metavar="Q",
+        help="Poisson sampling rate in (0, 1] (required without --schedule)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_steps,
+        metavar="T",
+        help="number of steps, e.g. 10000 or 1e4 (required without --schedule)",
+    )
+    p.add_argument(
+        "--schedule",
+        metavar="FILE",
+        help="CSV or JSON (.json) rows of noise_multiplier, sample_rate, steps, "
+        "composed in order, instead of --noise-multiplier/--sample-rate/--steps "
+        "(default: none)",
+    )
     _add_common_accounting_options(p)
     p.set_defaults(run=_run_epsilon)
 
@@ -61,22 +76,38 @@ def _add_calibrate_command(sub) -> None:
         help="the noise multiplier for a target ε",
         description="Smallest noise multiplier (within 0.2%) whose T steps stay within ε.",
     )
-    p.add_argument("--epsilon", type=float, required=True, metavar="EPS",
-                   help="target ε, > 0 (required)")
-    p.add_argument("--sample-rate", type=float, required=True, metavar="Q",
-                   help="Poisson sampling rate in (0, 1] (required)")
-    p.add_argument("--steps", type=_steps, required=True, metavar="T",
-                   help="number of steps, e.g. 10000 or 1e4 (required)")  # fmt: skip
+    p.add_argument(
+        "--epsilon", type=float, required=True, metavar="EPS", help="target ε, > 0 (required)"
+    )
+    p.add_argument(
+        "--sample-rate",
+        type=float,
+        required=True,
+        metavar="Q",
+        help="Poisson sampling rate in (0, 1] (required)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_steps,
+        required=True,
+        metavar="T",
+        help="number of steps, e.g. 10000 or 1e4 (required)",
+    )
     _add_common_accounting_options(p)
     p.set_defaults(run=_run_calibrate)
 
 
 def _add_common_accounting_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, required=True, help="target δ in (0, 1) (required)")
-    p.add_argument("--accountant", choices=("prv", "rdp"), default="prv",
-                   help="prv (tight) or rdp (a few %% looser) (default: %(default)s)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (default: plain text)")  # fmt: skip
+    p.add_argument(
+        "--accountant",
+        choices=("prv", "rdp"),
+        default="prv",
+        help="prv (tight) or rdp (a few %% looser) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object (default: plain text)"
+    )
 
 
 # What a valid query can still run into: a bound that cannot be computed in float64.
@@ -93,8 +124,9 @@ def _run_epsilon(args: argparse.Namespace) -> int:
                 raise ValueError("give --schedule or --noise-multiplier/--sample-rate/--steps")
             schedule = read_schedule(args.schedule)
         elif any(v is None for v in single):
-            raise ValueError("--noise-multiplier, --sample-rate and --steps are required "
-                             "(or --schedule FILE)")  # fmt: skip
+            raise ValueError(
+                "--noise-multiplier, --sample-rate and --steps are required (or --schedule FILE)"
+            )
         else:
             schedule = (Step(*single),) if args.steps else ()
         acc = make_accountant(args.accountant)
@@ -108,17 +140,23 @@ def _run_epsilon(args: argparse.Namespace) -> int:
     result = {"epsilon": epsilon, "delta": args.delta}
     if args.schedule is None:
         result.update(noise_multiplier=args.noise_multiplier, sample_rate=args.sample_rate)
-        what = (f"{steps} steps, noise multiplier {args.noise_multiplier:g}, sample rate "
-                f"{args.sample_rate:g}")  # fmt: skip
+        what = (
+            f"{steps} steps, noise multiplier {args.noise_multiplier:g}, sample rate "
+            f"{args.sample_rate:g}"
+        )
     else:
         result.update(schedule=args.schedule, runs=len(schedule))
         what = f"{steps} steps in {len(schedule)} runs from {args.schedule}"
     result.update(steps=steps, accountant=args.accountant)
-    text = (f"ε = {epsilon:.4f} at δ = {args.delta:g}\n"
-            f"({what}; {args.accountant} accountant, an upper bound)")  # fmt: skip
+    text = (
+        f"ε = {epsilon:.4f} at δ = {args.delta:g}\n"
+        f"({what}; {args.accountant} accountant, an upper bound)"
+    )
     if epsilon == float("inf") and any(s.noise_multiplier == 0 for s in schedule):
-        text += ("\nε is infinite: a step with noise multiplier 0 adds no noise, so it "
-                 "releases its batch's gradient sum exactly")  # fmt: skip
+        text += (
+            "\nε is infinite: a step with noise multiplier 0 adds no noise, so it "
+            "releases its batch's gradient sum exactly"
+        )
     _report(result, args.json, text)
     return 0
 
@@ -180,7 +218,7 @@ def _add_demo_command(sub) -> None:
         description="Train a small vision transformer on scikit-learn's 8×8 handwritten digits "
         "with DP-SGD at (ε, 1e-5) and without privacy; print test accuracy and ε each epoch "
         "and save a plot. Needs scikit-learn, matplotlib and tqdm: "
-        "pip install -e \".[demo]\" in the dp_attn clone.",
+        'pip install -e ".[demo]" in the dp_attn clone.',
     )
     p.add_argument("--epsilon", type=float, default=3.0, help="target ε (default 3)")
     p.add_argument("--epochs", type=int, default=None, help="default 40 (1 with --quick)")
@@ -204,8 +242,15 @@ def _run_demo(args: argparse.Namespace) -> int:
     except ValueError as error:
         return _usage_error("demo", f"--device: {error}")
     try:
-        run_demo(epsilon=args.epsilon, epochs=args.epochs, device=args.device, seed=args.seed,
-                 plot=args.plot, quick=args.quick, baseline=not args.no_baseline)  # fmt: skip
+        run_demo(
+            epsilon=args.epsilon,
+            epochs=args.epochs,
+            device=args.device,
+            seed=args.seed,
+            plot=args.plot,
+            quick=args.quick,
+            baseline=not args.no_baseline,
+        )
     except ImportError as error:  # an optional dependency (scikit-learn, tqdm, matplotlib)
         return _usage_error("demo", error)
     return 0

@@ -113,8 +113,15 @@ class DigitsViT(nn.Module):
     PrivacyEngine converts (the position embedding is an nn.Embedding over patch indices, and
     the classifier reads the mean of the tokens, so there is no bare nn.Parameter)."""
 
-    def __init__(self, tokens: int = TOKENS, patch_values: int = PATCH * PATCH, dim: int = 32,
-                 heads: int = 2, depth: int = 2, classes: int = 10):  # fmt: skip
+    def __init__(
+        self,
+        tokens: int = TOKENS,
+        patch_values: int = PATCH * PATCH,
+        dim: int = 32,
+        heads: int = 2,
+        depth: int = 2,
+        classes: int = 10,
+    ):
         super().__init__()
         self.embed = nn.Linear(patch_values, dim)
         self.pos = nn.Embedding(tokens, dim)
@@ -224,9 +231,12 @@ def run_demo(
     model = make_model(settings, seed).to(device)
     engine = PrivacyEngine()
     model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=make_optimizer(model, settings.lr, settings),
+        module=model,
+        optimizer=make_optimizer(model, settings.lr, settings),
         data_loader=DataLoader(train_set, batch_size=settings.batch_size),
-        target_epsilon=epsilon, target_delta=DELTA, epochs=settings.epochs,
+        target_epsilon=epsilon,
+        target_delta=DELTA,
+        epochs=settings.epochs,
         max_grad_norm=settings.max_grad_norm,
     )
     print(
@@ -244,8 +254,9 @@ def run_demo(
         bar.set_postfix_str(f"accuracy {acc:.1%}, ε {eps:.2f}")
 
     with tqdm(total=settings.epochs * len(loader), desc="DP training", unit="step") as bar:
-        dp_history = train(model, optimizer, loader, settings.epochs, test_set, device, bar,
-                           after_epoch)  # fmt: skip
+        dp_history = train(
+            model, optimizer, loader, settings.epochs, test_set, device, bar, after_epoch
+        )
     results = {
         "epsilon": engine.get_epsilon(DELTA),
         "delta": DELTA,
@@ -262,12 +273,15 @@ def run_demo(
     # -- the same model, optimizer, schedule and epochs without privacy (own learning rate)
     if baseline:
         model = make_model(settings, seed).to(device)
-        loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        loader = DataLoader(
+            train_set,
+            batch_size=settings.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
         with tqdm(total=settings.epochs * len(loader), desc="non-private", unit="step") as bar:
             optimizer = make_optimizer(model, settings.baseline_lr, settings)
-            history = train(model, optimizer, loader, settings.epochs,
-                            test_set, device, bar)  # fmt: skip
+            history = train(model, optimizer, loader, settings.epochs, test_set, device, bar)
         results["baseline_accuracy"] = history[-1][1]
         results["baseline_history"] = history
 
@@ -301,14 +315,21 @@ def save_plot(results: dict, path: str | Path) -> None:
     if "baseline_history" in results:
         b_steps, b_acc = zip(*results["baseline_history"], strict=True)
         left.plot(b_steps, [100 * a for a in b_acc], marker=".", label="non-private")
-    left.set(xlabel="optimizer steps", ylabel="test accuracy (%)", ylim=(0, 100),
-             title="digits: test accuracy")  # fmt: skip
+    left.set(
+        xlabel="optimizer steps",
+        ylabel="test accuracy (%)",
+        ylim=(0, 100),
+        title="digits: test accuracy",
+    )
     left.legend(loc="lower right")
     e_steps, eps = zip(*results["epsilon_history"], strict=True)
     right.plot(e_steps, eps, marker=".", color="tab:red")
-    right.set(xlabel="optimizer steps", ylabel="ε", ylim=(0, None),
-              title=f"privacy spent (δ = {results['delta']:g})")  # fmt: skip
+    right.set(
+        xlabel="optimizer steps",
+        ylabel="ε",
+        ylim=(0, None),
+        title=f"privacy spent (δ = {results['delta']:g})",
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

@@ -32,7 +32,6 @@ What one logical step does (docs/multi_gpu.md has the reasoning):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -43,16 +42,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import functional as DF
-from .engine import (
-    _CONVERSIONS,
-    PoissonBatchSampler,
-    PoissonDataLoader,
-    PrivacyEngine,
-    _is_int,
-    _refuse_outside_gradient,
-    _StepCheckedLoader,
-)
-from .kernels.reference import secure_noise_grid, snap_to_grid
+from .checks import check_int, is_int
+from .conversion import CONVERSIONS, refuse_outside_gradient
+from .engine import PrivacyEngine
+from .kernels.noise import secure_noise_grid, snap_to_grid
+from .sampling import PoissonBatchSampler, PoissonDataLoader, StepCheckedLoader
 
 __all__ = [
     "DistributedPoissonBatchSampler",
@@ -68,40 +62,61 @@ class DistributedPoissonBatchSampler(PoissonBatchSampler):
     fresh CSPRNG seed per rank and epoch); the union of the ranks' batches is then a Poisson
     sample of the whole dataset. `steps` must be the same on every rank."""
 
-    def __init__(self, num_samples: int, sample_rate: float, steps: int, *, rank: int,
-                 world_size: int, generator=None):  # fmt: skip
-        if not _is_int(world_size) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        if not _is_int(rank) or not 0 <= rank < world_size:
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        steps: int,
+        *,
+        rank: int,
+        world_size: int,
+        generator=None,
+    ):
+        check_int("world_size", world_size, minimum=1)
+        if not is_int(rank) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-        if not _is_int(num_samples) or num_samples < world_size:
+        if not is_int(num_samples) or num_samples < world_size:
             raise ValueError(
                 f"num_samples must be an int >= world_size ({world_size}), got {num_samples!r}"
             )
         self.rank, self.world_size = rank, world_size
-        super().__init__(len(range(rank, num_samples, world_size)), sample_rate, steps,
-                         generator=generator)  # fmt: skip
+        super().__init__(
+            len(range(rank, num_samples, world_size)), sample_rate, steps, generator=generator
+        )
 
     def __iter__(self):
         for local in super().__iter__():
             yield [self.rank + self.world_size * i for i in local]
 
 
-class DistributedPoissonDataLoader(_StepCheckedLoader):
+class DistributedPoissonDataLoader(StepCheckedLoader):
     """A DataLoader over this rank's Poisson batches of the whole `dataset` (see
     DistributedPoissonBatchSampler); `steps` batches per epoch on every rank. Empty batches
     are tensors with zero rows. rank and world_size default to those of the default process
     group. Other keyword arguments go to DataLoader (num_workers, pin_memory, ...)."""
 
-    def __init__(self, dataset, sample_rate: float, *, steps: int, rank: int | None = None,
-                 world_size: int | None = None, collate_fn=None, generator=None,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        dataset,
+        sample_rate: float,
+        *,
+        steps: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        collate_fn=None,
+        generator=None,
+        **kwargs,
+    ):
         if isinstance(dataset, IterableDataset):
             raise TypeError("Poisson sampling needs a map-style dataset (with __len__ and [i])")
         rank = dist.get_rank() if rank is None else rank
         world_size = dist.get_world_size() if world_size is None else world_size
         sampler = DistributedPoissonBatchSampler(
-            len(dataset), sample_rate, steps, rank=rank, world_size=world_size,
+            len(dataset),
+            sample_rate,
+            steps,
+            rank=rank,
+            world_size=world_size,
             generator=generator,
         )
         super().__init__(dataset, sampler, collate_fn, **kwargs)
@@ -122,25 +137,14 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self,
         *,
         module: nn.Module,
-        optimizer: torch.optim.Optimizer,
         data_loader: DataLoader,
-        noise_multiplier: float,
-        max_grad_norm: float | Mapping[str, float] | list[float],
-        clipping: str = "flat",
-        loss_reduction: str = "mean",
-        target_epsilon: float | None = None,
-        target_delta: float | None = None,
         generator: torch.Generator | None = None,
-        secure_mode: bool | None = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
-        batch_first: bool = True,
-        poisson_sampling: bool = True,
-        grad_sample_mode: str = "hooks",
-        criterion: nn.Module | None = None,
-        noise_generator: None = None,
+        **settings,
     ) -> tuple:
         """PrivacyEngine.make_private for one rank; returns (module, optimizer, data_loader)
-        (with the criterion before data_loader for a "ghost" grad_sample_mode).
+        (with the criterion before data_loader for a "ghost" grad_sample_mode). `settings`:
+        PrivacyEngine.make_private's other keyword arguments (optimizer, noise_multiplier,
+        max_grad_norm, ...).
 
         module: a model replica, a DistributedDataParallel around one (its inner module is
             converted; its gradient all-reduce is switched off), or a model sharded with
@@ -169,21 +173,17 @@ class DistributedPrivacyEngine(PrivacyEngine):
         else:
             wrapper, inner = None, module
             group = _fsdp2_group(module) if fsdp_modules else dist.group.WORLD
+        # generator draws this rank's batches (below), not those of the single-process loader
+        # that make_private builds and this rank's loader replaces.
         inner, optimizer, *criterion, loader = super().make_private(
-            module=inner, optimizer=optimizer, data_loader=data_loader,
-            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, clipping=clipping,
-            loss_reduction=loss_reduction, target_epsilon=target_epsilon,
-            target_delta=target_delta, secure_mode=secure_mode, grad_scaler=grad_scaler,
-            batch_first=batch_first, poisson_sampling=poisson_sampling,
-            grad_sample_mode=grad_sample_mode, criterion=criterion,
-            noise_generator=noise_generator,
+            module=inner, data_loader=data_loader, **settings
         )
         self._group = group
         self._world_size = dist.get_world_size(group)
         if fsdp_modules:
             self._register_unsharded_params(inner, fsdp_modules)
         loader = _distributed_loader(loader, dist.get_rank(group), self._world_size, generator)
-        loader._step_tracker = self._clipper
+        loader.step_tracker = self._clipper
         if wrapper is None:
             return inner, optimizer, *criterion, loader
         # DDP would all-reduce .grad after backward; the DP layers produce none (the engine
@@ -210,8 +210,8 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 for m, pname, sharded in registered:
                     unsharded = getattr(m, pname)
                     if unsharded is not sharded and unsharded not in self._clipper.slices:
-                        self._clipper.slices[unsharded] = self._clipper.slices[sharded]
-                        unsharded.register_hook(_refuse_outside_gradient(private[sharded]))
+                        self._clipper.alias(unsharded, sharded)
+                        unsharded.register_hook(refuse_outside_gradient(private[sharded]))
             finally:
                 fsdp_module.reshard()
 
@@ -251,8 +251,14 @@ def _distributed_loader(loader: PoissonDataLoader, rank, world_size, generator):
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
     return DistributedPoissonDataLoader(
-        loader.dataset, loader.sample_rate, steps=len(loader), rank=rank, world_size=world_size,
-        collate_fn=loader.collate_fn.collate_fn, generator=generator, **kwargs,
+        loader.dataset,
+        loader.sample_rate,
+        steps=len(loader),
+        rank=rank,
+        world_size=world_size,
+        collate_fn=loader.collate_fn.collate_fn,
+        generator=generator,
+        **kwargs,
     )
 
 
@@ -267,7 +273,7 @@ def _fsdp2_modules(module: nn.Module) -> list[nn.Module]:
             )
         if not isinstance(m, FSDPModule):
             continue
-        layer = next((b for b in type(m).__bases__ if b in _CONVERSIONS), None)
+        layer = next((b for b in type(m).__bases__ if b in CONVERSIONS), None)
         if layer is not None:
             raise TypeError(
                 f"module: fully_shard was applied to {name or 'the model'!r}, a single "

@@ -1,16 +1,19 @@
 """Import-and-call API. Each function checks its inputs and dispatches to the Triton
-kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or its reference twin."""
+kernel's launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or its plain-PyTorch
+twin (`*_reference`, beside the kernel in its family's file)."""
 
 from __future__ import annotations
 
 import torch
 
-from .kernels import clipped_sum, norm_bounds, per_example_norms, reference, small_layers
+from .checks import check_bool, check_int, is_int, is_real
+from .kernels import clipped_sum, embedding, noise, norm_affine, norm_bounds, per_example_norms
 from .kernels.flash_attn import (
     check_attention_args,
     check_key_lengths_range,
     flash_attention_triton,
 )
+from .kernels.reference import attention_reference
 from .kernels.utils import FLOAT_DTYPES, check_nonnegative, check_same, check_tensor, use_triton
 
 __all__ = [
@@ -74,25 +77,22 @@ def flash_attention(
     if use_triton(q, k, v):
         return flash_attention_triton(q, k, v, causal, softmax_scale, key_lengths)
     check_key_lengths_range(key_lengths, k.shape[2])
-    return reference.attention_reference(
+    return attention_reference(
         q, k, v, causal=causal, softmax_scale=softmax_scale, key_lengths=key_lengths
     )
 
+
 # ---------------------------------------------------------------- DP-SGD kernels for layers
-# Per-example gradient norms, clipped sums and Gaussian noise for linear, norm-affine and
-# embedding layers (docs/design.md §1, §3). Noise is Philox-4x32-10 keyed by the 128-bit
-# noise_key(seed) (the OS CSPRNG when seed is None), every element with its own counter and lane
-# by the rule in kernels/reference.py; twin and kernel draw the same noise. secure_mode=True
-# resists floating-point attacks on the Gaussian samples (docs/threat_model.md).
-
-
-def _backend(kernels, *tensors):
-    """The kernel module on CUDA (or under the interpreter), else the PyTorch twins."""
-    return kernels if use_triton(*tensors) else reference
+# Per-example gradient norms and clipped sums for linear, norm-affine and embedding layers
+# (docs/design.md §1, §3), and the Gaussian noise added once per step to their sums. Noise is
+# Philox-4x32-10 keyed by the 128-bit noise_key(seed) (the OS CSPRNG when seed is None), every
+# element with its own counter and lane by the rule in kernels/noise.py; twin and kernel draw
+# the same noise. secure_mode=True resists floating-point attacks on the Gaussian samples
+# (docs/threat_model.md).
 
 
 def _check_number(name: str, value, *, nonnegative: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     if nonnegative:
         check_nonnegative(name, value)
@@ -131,18 +131,9 @@ def _check_clip_factors(clip_factors, batch: int, like: torch.Tensor) -> None:
     check_same("device", clip_factors=clip_factors, g=like)
 
 
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def _check_noise_args(noise_std, scale, out_dtype, secure_mode) -> tuple[float, float]:
+def _check_sum_args(scale, out_dtype) -> float:
     _check_out_dtype(out_dtype)
-    _check_flag("secure_mode", secure_mode)
-    return (
-        _check_number("noise_std", noise_std, nonnegative=True),
-        _check_number("scale", scale, nonnegative=False),
-    )
+    return _check_number("scale", scale, nonnegative=False)
 
 
 def per_example_grad_sq_norms(
@@ -153,13 +144,18 @@ def per_example_grad_sq_norms(
     a: activations [B, T, din] or [B, din]; g: output gradients [B, T, dout] or [B, dout].
     Per example ‖g_iᵀ a_i‖_F², plus ‖Σ_t g_it‖² with bias. method: "ghost" (pairs of T-tiles
     of (a aᵀ)⊙(g gᵀ)), "instantiate" (dout×din tiles of g_iᵀ a_i), or None for the cheaper by
-    FLOPs (reference.grad_norm_method). Neither holds a T×T matrix or a per-example gradient.
+    FLOPs (per_example_norms.grad_norm_method). Neither holds a T×T matrix or a per-example
+    gradient.
     """
     _check_pair("a", a, g, same_width=False)
     if method not in (None, "ghost", "instantiate"):
         raise ValueError(f"method must be None, 'ghost' or 'instantiate', got {method!r}")
-    backend = _backend(per_example_norms, a, g)
-    return backend.per_example_grad_sq_norms(a, g, bias=bias, method=method)
+    sq_norms = (
+        per_example_norms.per_example_grad_sq_norms
+        if use_triton(a, g)
+        else per_example_norms.per_example_grad_sq_norms_reference
+    )
+    return sq_norms(a, g, bias=bias, method=method)
 
 
 def clip_factors(
@@ -170,7 +166,7 @@ def clip_factors(
     per_example_grad_norm_bounds (norm and release_error summed in quadrature over the layers
     of a group, underflow summed): each example's released contribution is then at most
     C·(1 + 1e-5), rounding included."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+    if not is_real(threshold):
         raise TypeError(f"threshold must be a Python number, got {type(threshold).__name__}")
     if not threshold >= 0:  # inf is allowed: no clipping
         raise ValueError(f"threshold must be a number >= 0, got {threshold}")
@@ -196,9 +192,7 @@ def per_example_grad_norm_bounds(
     _check_pair("a", a, g, same_width=False)
     seq_len = a.shape[1] if a.dim() == 3 else 1
     method = norm_bounds.certified_norm_method(seq_len, a.shape[-1], g.shape[-1], a.device)
-    sq = _backend(per_example_norms, a, g).per_example_grad_sq_norms(
-        a, g, bias=bias, method=method
-    )
+    sq = per_example_grad_sq_norms(a, g, bias=bias, method=method)
     return norm_bounds.linear_norm_bounds(sq, a, g, bias=bias, method=method)
 
 
@@ -207,44 +201,38 @@ def clipped_grad_sum(
     g: torch.Tensor,
     clip_factors: torch.Tensor,
     *,
-    noise_std: float = 0.0,
     scale: float = 1.0,
     bias: bool = True,
-    seed: int | None = None,
     out_dtype: torch.dtype | None = None,
-    secure_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Clipped, noised linear-layer gradient: (weight_grad [dout, din], bias_grad [dout] | None).
+    """Clipped linear-layer gradient: (weight_grad [dout, din], bias_grad [dout] | None).
 
-    weight_grad = scale·(Σ_i c_i g_iᵀ a_i + noise_std·N(0, I)), bias_grad likewise from
-    Σ_i c_i Σ_t g_it; one GEMM over the B·T rows with rows scaled by c_i in-kernel, noise in the
-    epilogue, fp32 accumulation, stored in out_dtype (default a.dtype). clip_factors: fp32 [B];
-    an example with c_i = 0 contributes exactly 0 even if its a or g is not finite. seed=None
-    (training) keys the noise from the OS CSPRNG (128 bits per call); an int seed is for tests
-    only. secure_mode=True: the noised sum is rounded to a power-of-two grid in
-    (noise_std/4, noise_std/2] before the scale, so that no floating-point structure of the
-    samples shows, at most 1/48 more noise variance (docs/threat_model.md).
+    weight_grad = scale·Σ_i c_i g_iᵀ a_i, bias_grad = scale·Σ_i c_i Σ_t g_it; one GEMM over the
+    B·T rows with rows scaled by c_i in-kernel, fp32 accumulation, stored in out_dtype (default
+    a.dtype). clip_factors: fp32 [B]; an example with c_i = 0 contributes exactly 0 even if its
+    a or g is not finite. No noise: add it once to the summed gradients (add_gaussian_noise_).
     """
     _check_pair("a", a, g, same_width=False)
     _check_clip_factors(clip_factors, a.shape[0], g)
-    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype, secure_mode)
-    return _backend(clipped_sum, a, g, clip_factors).clipped_grad_sum(
-        a, g, clip_factors, noise_std=noise_std, scale=scale, bias=bias, seed=seed,
-        out_dtype=out_dtype, secure_mode=secure_mode,
+    scale = _check_sum_args(scale, out_dtype)
+    clipped_sum_fn = (
+        clipped_sum.clipped_grad_sum
+        if use_triton(a, g, clip_factors)
+        else clipped_sum.clipped_grad_sum_reference
     )
+    return clipped_sum_fn(a, g, clip_factors, scale=scale, bias=bias, out_dtype=out_dtype)
 
 
 # Tile (rows of dout, columns of din) of the weight gradient that is one block-clipping group.
-BLOCK_CLIP_TILE = reference.BLOCK_CLIP_TILE
+BLOCK_CLIP_TILE = clipped_sum.BLOCK_CLIP_TILE
 
 
 def block_clip_num_groups(dout: int, din: int) -> int:
     """Number K of block-clipping groups of one [dout, din] linear layer (its bias included):
     the BLOCK_CLIP_TILE tiles of the weight gradient. Set per-group thresholds C/√K_total."""
-    for name, value in (("dout", dout), ("din", din)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return reference.block_clip_num_groups(dout, din)
+    check_int("dout", dout, minimum=1)
+    check_int("din", din, minimum=1)
+    return clipped_sum.block_clip_num_groups(dout, din)
 
 
 def block_clipped_grad_sum(
@@ -252,28 +240,27 @@ def block_clipped_grad_sum(
     g: torch.Tensor,
     threshold: float,
     *,
-    noise_std: float = 0.0,
     scale: float = 1.0,
     bias: bool = True,
-    seed: int | None = None,
     out_dtype: torch.dtype | None = None,
-    secure_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Block-clipped, noised linear-layer gradient: (weight_grad, bias_grad | None).
+    """Block-clipped linear-layer gradient: (weight_grad, bias_grad | None).
 
     Each example's contribution to each group is clipped to L2 norm `threshold` before it is
     summed. A group is one BLOCK_CLIP_TILE = (128, 128) tile of the [dout, din] weight gradient
     (rows of dout × columns of din, aligned at 0); the bias slice of a tile's rows belongs to the
     tile in the first column. Clip factor min(1, threshold / (norm + 1e-6)), 0 for a non-finite
-    norm. Noise, scale and dtypes as in clipped_grad_sum.
+    norm. Scale and dtypes as in clipped_grad_sum.
     """
     _check_pair("a", a, g, same_width=False)
     threshold = _check_number("threshold", threshold, nonnegative=True)
-    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype, secure_mode)
-    return _backend(clipped_sum, a, g).block_clipped_grad_sum(
-        a, g, threshold, noise_std=noise_std, scale=scale, bias=bias, seed=seed,
-        out_dtype=out_dtype, secure_mode=secure_mode,
+    scale = _check_sum_args(scale, out_dtype)
+    block_sum_fn = (
+        clipped_sum.block_clipped_grad_sum
+        if use_triton(a, g)
+        else clipped_sum.block_clipped_grad_sum_reference
     )
+    return block_sum_fn(a, g, threshold, scale=scale, bias=bias, out_dtype=out_dtype)
 
 
 def norm_affine_grad_sq_norms(
@@ -285,7 +272,12 @@ def norm_affine_grad_sq_norms(
     Per example ‖Σ_t g_t ⊙ x̂_t‖² (weight), plus ‖Σ_t g_t‖² with bias.
     """
     _check_pair("x_hat", x_hat, g, same_width=True)
-    return _backend(small_layers, x_hat, g).norm_affine_grad_sq_norms(x_hat, g, bias=bias)
+    sq_norms = (
+        norm_affine.norm_affine_grad_sq_norms
+        if use_triton(x_hat, g)
+        else norm_affine.norm_affine_grad_sq_norms_reference
+    )
+    return sq_norms(x_hat, g, bias=bias)
 
 
 def norm_affine_grad_norm_bounds(
@@ -303,26 +295,21 @@ def norm_affine_clipped_grad_sum(
     g: torch.Tensor,
     clip_factors: torch.Tensor,
     *,
-    noise_std: float = 0.0,
     scale: float = 1.0,
     bias: bool = True,
-    seed: int | None = None,
     out_dtype: torch.dtype | None = None,
-    secure_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Clipped, noised LayerNorm/RMSNorm affine gradient: (weight_grad [d], bias_grad [d] | None),
-    scale·(Σ_i c_i Σ_t g_it ⊙ x̂_it + noise_std·N(0, I)) and likewise for Σ_i c_i Σ_t g_it."""
+    """Clipped LayerNorm/RMSNorm affine gradient: (weight_grad [d], bias_grad [d] | None),
+    scale·Σ_i c_i Σ_t g_it ⊙ x̂_it and scale·Σ_i c_i Σ_t g_it."""
     _check_pair("x_hat", x_hat, g, same_width=True)
     _check_clip_factors(clip_factors, x_hat.shape[0], g)
-    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype, secure_mode)
-    return _backend(small_layers, x_hat, g, clip_factors).norm_affine_clipped_grad_sum(
-        x_hat, g, clip_factors, noise_std=noise_std, scale=scale, bias=bias, seed=seed,
-        out_dtype=out_dtype, secure_mode=secure_mode,
+    scale = _check_sum_args(scale, out_dtype)
+    clipped_sum_fn = (
+        norm_affine.norm_affine_clipped_grad_sum
+        if use_triton(x_hat, g, clip_factors)
+        else norm_affine.norm_affine_clipped_grad_sum_reference
     )
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return clipped_sum_fn(x_hat, g, clip_factors, scale=scale, bias=bias, out_dtype=out_dtype)
 
 
 def _check_embedding_inputs(ids, g, padding_idx, num_embeddings=None) -> None:
@@ -333,14 +320,13 @@ def _check_embedding_inputs(ids, g, padding_idx, num_embeddings=None) -> None:
         shapes = f"{tuple(g.shape)} and ids {tuple(ids.shape)}"
         raise ValueError(f"g must have shape (*ids.shape, d) with d >= 1, got {shapes}")
     if num_embeddings is not None:
-        if not _is_int(num_embeddings) or num_embeddings < 1:
-            raise ValueError(f"num_embeddings must be an int >= 1, got {num_embeddings!r}")
+        check_int("num_embeddings", num_embeddings, minimum=1)
         # One device sync: an out-of-range id would make the kernel write out of bounds.
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_embeddings):
             raise ValueError(f"ids must lie in [0, num_embeddings={num_embeddings})")
     if padding_idx is not None:
         upper = num_embeddings if num_embeddings is not None else float("inf")
-        if not _is_int(padding_idx) or not 0 <= padding_idx < upper:
+        if not is_int(padding_idx) or not 0 <= padding_idx < upper:
             raise ValueError(
                 f"padding_idx must be None or an int in [0, num_embeddings), got {padding_idx!r}"
             )
@@ -357,7 +343,7 @@ def embedding_grad_sq_norms(
     is padding_idx contribute nothing.
     """
     _check_embedding_inputs(ids, g, padding_idx)
-    return reference.embedding_grad_sq_norms(ids, g, padding_idx=padding_idx)
+    return embedding.embedding_grad_sq_norms(ids, g, padding_idx=padding_idx)
 
 
 def embedding_grad_norm_bounds(
@@ -379,22 +365,29 @@ def embedding_clipped_grad_sum(
     clip_factors: torch.Tensor,
     num_embeddings: int,
     *,
-    noise_std: float = 0.0,
     scale: float = 1.0,
     padding_idx: int | None = None,
-    seed: int | None = None,
     out_dtype: torch.dtype | None = None,
-    secure_mode: bool = False,
 ) -> torch.Tensor:
-    """Clipped, noised embedding-table gradient [num_embeddings, d]:
-    scale·(Σ_i c_i Σ_t onehot(ids_it) g_itᵀ + noise_std·N(0, I)), out_dtype default g.dtype.
-    The padding_idx row is exactly 0 (its gradient is 0 for every dataset: nothing to hide)."""
+    """Clipped embedding-table gradient [num_embeddings, d]:
+    scale·Σ_i c_i Σ_t onehot(ids_it) g_itᵀ, out_dtype default g.dtype. The padding_idx row is
+    exactly 0 (positions with that id contribute nothing)."""
     _check_embedding_inputs(ids, g, padding_idx, num_embeddings)
     _check_clip_factors(clip_factors, ids.shape[0], g)
-    noise_std, scale = _check_noise_args(noise_std, scale, out_dtype, secure_mode)
-    return _backend(small_layers, ids, g, clip_factors).embedding_clipped_grad_sum(
-        ids, g, clip_factors, num_embeddings, noise_std=noise_std, scale=scale,
-        padding_idx=padding_idx, seed=seed, out_dtype=out_dtype, secure_mode=secure_mode,
+    scale = _check_sum_args(scale, out_dtype)
+    clipped_sum_fn = (
+        embedding.embedding_clipped_grad_sum
+        if use_triton(ids, g, clip_factors)
+        else embedding.embedding_clipped_grad_sum_reference
+    )
+    return clipped_sum_fn(
+        ids,
+        g,
+        clip_factors,
+        num_embeddings,
+        scale=scale,
+        padding_idx=padding_idx,
+        out_dtype=out_dtype,
     )
 
 
@@ -402,9 +395,11 @@ def add_gaussian_noise_(
     x: torch.Tensor, std: float, *, seed: int | None = None, secure_mode: bool = False
 ) -> torch.Tensor:
     """x += std·N(0, I) in place and return x (x seen as rows [-1, x.shape[-1]] for the noise
-    rule), keyed by noise_key(seed): fresh CSPRNG bits per call when seed is None. For noise added
-    once per logical step after summing micro-batches' clipped gradients with noise_std=0.
-    secure_mode as in clipped_grad_sum (x + noise is rounded to the grid)."""
+    rule), keyed by noise_key(seed): fresh CSPRNG bits per call when seed is None (training); an
+    int seed is for tests only. For noise added once per logical step to the summed clipped
+    gradients. secure_mode=True: x + noise is rounded to a power-of-two grid in (std/4, std/2],
+    so that no floating-point structure of the samples shows, at most 1/48 more noise variance
+    (docs/threat_model.md)."""
     check_tensor("x", x)
     if any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape, strict=True)):
         raise ValueError(
@@ -412,5 +407,6 @@ def add_gaussian_noise_(
             f"memory), got shape {tuple(x.shape)} with strides {x.stride()}; pass x.clone()"
         )
     std = _check_number("std", std, nonnegative=True)
-    _check_flag("secure_mode", secure_mode)
-    return _backend(clipped_sum, x).add_gaussian_noise_(x, std, seed=seed, secure_mode=secure_mode)
+    check_bool("secure_mode", secure_mode)
+    add_noise = noise.add_gaussian_noise_ if use_triton(x) else noise.add_gaussian_noise_reference
+    return add_noise(x, std, seed=seed, secure_mode=secure_mode)

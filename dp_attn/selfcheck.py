@@ -12,7 +12,9 @@ from collections.abc import Callable
 import torch
 
 from dp_attn import functional
-from dp_attn.kernels import reference
+from dp_attn.kernels.clipped_sum import clipped_grad_sum_reference
+from dp_attn.kernels.per_example_norms import per_example_grad_sq_norms_reference
+from dp_attn.kernels.reference import attention_reference
 from dp_attn.kernels.utils import backend_name
 
 # Allowed max abs error, relative to max(1, max |expected|), per input dtype.
@@ -33,8 +35,13 @@ def _row(kernel: str, dtype: torch.dtype, shape: str, actual, expected) -> dict:
         errors[name] = (a.double() - e.double()).abs().max().item() if a.numel() else 0.0
         scale = max(1.0, e.abs().max().item() if e.numel() else 0.0)
         ok = ok and errors[name] <= _tolerance(dtype) * scale
-    return {"kernel": kernel, "dtype": str(dtype).removeprefix("torch."), "shape": shape,
-            "errors": errors, "ok": ok}  # fmt: skip
+    return {
+        "kernel": kernel,
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": shape,
+        "errors": errors,
+        "ok": ok,
+    }
 
 
 def check_flash_attention(device: torch.device) -> list[dict]:
@@ -54,7 +61,7 @@ def check_flash_attention(device: torch.device) -> list[dict]:
         results = {}
         for name, fn, args in (
             ("kernel", functional.flash_attention, (q, k, v)),
-            ("reference", reference.attention_reference, (q.double(), k.double(), v.double())),
+            ("reference", attention_reference, (q.double(), k.double(), v.double())),
         ):
             leaves = [t.detach().requires_grad_() for t in args]
             out = fn(*leaves, causal=True, key_lengths=key_lengths)
@@ -67,7 +74,7 @@ def check_flash_attention(device: torch.device) -> list[dict]:
 
 def check_linear_dp_kernels(device: torch.device) -> list[dict]:
     """Per-example gradient norms (both methods) and the clipped weight-gradient sum of a linear
-    layer, without noise, against the reference in float64 on the same inputs."""
+    layer against the reference in float64 on the same inputs."""
     B, T, din, dout = 4, 48, 64, 32
     gen = torch.Generator().manual_seed(1)
     dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
@@ -77,14 +84,17 @@ def check_linear_dp_kernels(device: torch.device) -> list[dict]:
         g = torch.randn(B, T, dout, generator=gen).to(device, dtype)
         factors = torch.rand(B, generator=gen).to(device)
         results = {}
-        for name, module, (x, y) in (
-            ("kernel", functional, (a, g)),
-            ("reference", reference, (a.double(), g.double())),
+        for name, sq_norms, clipped_sum, (x, y) in (
+            ("kernel", functional.per_example_grad_sq_norms, functional.clipped_grad_sum, (a, g)),
+            (
+                "reference",
+                per_example_grad_sq_norms_reference,
+                clipped_grad_sum_reference,
+                (a.double(), g.double()),
+            ),
         ):
-            out = {m: module.per_example_grad_sq_norms(x, y, method=m) for m in ("ghost",
-                   "instantiate")}  # fmt: skip
-            out["weight_grad"], out["bias_grad"] = module.clipped_grad_sum(
-                x, y, factors, noise_std=0.0, seed=0)
+            out = {m: sq_norms(x, y, method=m) for m in ("ghost", "instantiate")}
+            out["weight_grad"], out["bias_grad"] = clipped_sum(x, y, factors)
             results[name] = out
         shape = f"B={B} T={T} din={din} dout={dout}"
         rows.append(_row("clipped linear", dtype, shape, results["kernel"], results["reference"]))
@@ -111,5 +121,10 @@ def run_selfcheck(device: torch.device | str | None = None) -> dict:
         errors = " ".join(f"{k}={v:.1e}" for k, v in row["errors"].items())
         ok = "ok" if row["ok"] else "FAIL"
         print(f"{row['kernel']:<18} {row['dtype']:<9} {errors:<72} {ok:<4} {row['shape']}")
-    return {"device": str(device), "device_name": name, "backend": backend, "checks": rows,
-            "ok": all(row["ok"] for row in rows)}  # fmt: skip
+    return {
+        "device": str(device),
+        "device_name": name,
+        "backend": backend,
+        "checks": rows,
+        "ok": all(row["ok"] for row in rows),
+    }

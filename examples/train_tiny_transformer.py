@@ -89,8 +89,13 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     engine = PrivacyEngine()
     model, optimizer, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=args.epsilon,
-        target_delta=DELTA, epochs=args.epochs, max_grad_norm=args.max_grad_norm,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        target_epsilon=args.epsilon,
+        target_delta=DELTA,
+        epochs=args.epochs,
+        max_grad_norm=args.max_grad_norm,
         clipping=args.clipping,
     )
     print(

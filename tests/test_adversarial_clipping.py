@@ -40,8 +40,12 @@ def released_groups(model, loss_fn, style, max_grad_norm=1.0):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     loader = DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=1)
     model, optimizer, _ = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
-        max_grad_norm=max_grad_norm, clipping=style,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        clipping=style,
     )
     optimizer.zero_grad()
     loss_fn(model).backward()
@@ -221,8 +225,9 @@ def test_search_small_layer_contributions_stay_bounded(inputs, threshold, repeat
             norm, error, underflow = DF.norm_affine_grad_norm_bounds(x_hat, g, bias=bias)
             assert torch.isfinite(norm).all() and torch.isfinite(error).all()
             factor = DF.clip_factors(norm, error, underflow, threshold).float()
-            weight, b = DF.norm_affine_clipped_grad_sum(x_hat, g, factor, bias=bias,
-                                                        out_dtype=torch.float32)  # fmt: skip
+            weight, b = DF.norm_affine_clipped_grad_sum(
+                x_hat, g, factor, bias=bias, out_dtype=torch.float32
+            )
             sq = weight.double().square().sum() + (0 if b is None else b.double().square().sum())
             assert math.sqrt(float(sq)) <= threshold * (1 + SLACK)
         finally:
@@ -263,21 +268,31 @@ def test_bounds_barely_move_benign_clip_factors(style, backend, monkeypatch):
     the release-rounding share never binds there."""
     import copy
 
-    from dp_attn.engine import _Clipper
+    from dp_attn.clipping import Clipper
     from tests.tiny_models import example_losses, make_batch, make_model, per_example_grads
 
     model = make_model()
     ids, targets, mask = make_batch(batch=4, padded=True)
     oracle = per_example_grads(copy.deepcopy(model), ids, targets, mask)
     seen = []
-    factors = _Clipper._factors
-    monkeypatch.setattr(_Clipper, "_factors", lambda self, sq, threshold, scale: (
-        seen.append((sq, threshold, scale)) or factors(self, sq, threshold, scale)))
+    factors = Clipper._factors
+    monkeypatch.setattr(
+        Clipper,
+        "_factors",
+        lambda self, sq, threshold, scale: (
+            seen.append((sq, threshold, scale)) or factors(self, sq, threshold, scale)
+        ),
+    )
     engine = PrivacyEngine()
     loader = DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=4)
     model, optimizer, _ = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=1e-3, clipping=style)
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=1e-3,
+        clipping=style,
+    )
     optimizer.zero_grad()
     example_losses(model(ids, mask), targets).mean().backward()
     optimizer.step()
@@ -292,7 +307,7 @@ def test_bounds_barely_move_benign_clip_factors(style, backend, monkeypatch):
         found = sorted((s[0].sqrt() * scale for s, _, scale in seen), key=lambda t: float(t.sum()))
         assert len(found) == len(truths)
     if style == "flat":
-        (sq, _, scale), = seen
+        ((sq, _, scale),) = seen
         found = [sq[0].sqrt() * scale]
     for bound, truth in zip(found, truths, strict=True):
         ratio = bound / truth

@@ -28,7 +28,7 @@ from scipy import special, stats
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import dp_attn.engine as engine_module
+import dp_attn.clipping as clipping_module
 import dp_attn.functional as DF
 from dp_attn.audit import (
     audit_one_run,
@@ -91,9 +91,7 @@ def test_all_correct_pure_dp_is_closed_form(r):
 
 def test_chance_level_gives_zero_and_bound_grows_with_correct_guesses():
     r, m = 200, 400
-    bounds = [
-        epsilon_lower_bound(r, v, num_canaries=m, delta=DELTA) for v in range(r + 1)
-    ]
+    bounds = [epsilon_lower_bound(r, v, num_canaries=m, delta=DELTA) for v in range(r + 1)]
     assert all(b == 0.0 for b in bounds[: r // 2 + 1])  # at most half right: nothing
     assert all(b1 <= b2 for b1, b2 in itertools.pairwise(bounds))
     assert bounds[-1] > bounds[-2] > bounds[150] > 0.0
@@ -108,9 +106,7 @@ def test_bound_exceeds_true_epsilon_with_probability_at_most_one_minus_confidenc
     ε-DP guesser): P[bound > ε] computed exactly over W ~ Binomial(r, expit(ε)) is <= 5%, and
     not far below it (the test is exact for this mechanism)."""
     r = 60
-    bounds = np.array([
-        epsilon_lower_bound(r, v, num_canaries=r, delta=0.0) for v in range(r + 1)
-    ])
+    bounds = np.array([epsilon_lower_bound(r, v, num_canaries=r, delta=0.0) for v in range(r + 1)])
     pmf = stats.binom.pmf(np.arange(r + 1), r, special.expit(epsilon))
     false_alarm = pmf[bounds > epsilon].sum()
     assert 0.005 < false_alarm <= LEVEL
@@ -238,8 +234,14 @@ def test_scores_are_inner_products_with_the_clipped_canary_gradients():
     clip = grads.norm(dim=1).median().item()  # clips some canaries, not others
     clipped = grads * torch.clamp(clip / grads.norm(dim=1, keepdim=True), max=1.0)
     result = audit_one_run(
-        TwoLayer, canaries, cross_entropy_losses, steps=1, noise_multiplier=0.0,
-        max_grad_norm=clip, delta=DELTA, guess_counts=[(1, 1)],
+        TwoLayer,
+        canaries,
+        cross_entropy_losses,
+        steps=1,
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        delta=DELTA,
+        guess_counts=[(1, 1)],
     )
     release = clipped[torch.from_numpy(result.included)].sum(0) / len(canaries)
     expected = (clipped @ release).numpy()
@@ -327,7 +329,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 def audit(device, count, **run):
     return audit_one_run(
         lambda: nn.Linear(32, 32, bias=False, device=device),
-        dirac_canaries(32, 32, count, norm=10.0), dirac_loss, max_grad_norm=1.0, delta=DELTA,
+        dirac_canaries(32, 32, count, norm=10.0),
+        dirac_loss,
+        max_grad_norm=1.0,
+        delta=DELTA,
         **run,
     )
 
@@ -336,7 +341,7 @@ def audit(device, count, **run):
 @pytest.mark.parametrize("settings", [FULL_BATCH, POISSON], ids=["full-batch", "poisson"])
 def test_real_mechanism_stays_below_the_claimed_epsilon(monkeypatch, settings, device):
     noise_calls = spy(monkeypatch, DF, "add_gaussian_noise_")
-    clip_calls = spy(monkeypatch, engine_module._Clipper, "_factors")
+    clip_calls = spy(monkeypatch, clipping_module.Clipper, "_factors")
     result = audit(device, **settings)
     assert len(noise_calls) == settings["steps"] and len(clip_calls) >= settings["steps"]
     assert result.sample_rate == settings["sample_rate"]
@@ -347,11 +352,15 @@ def test_real_mechanism_stays_below_the_claimed_epsilon(monkeypatch, settings, d
     )
 
 
-@pytest.mark.parametrize(("settings", "owner", "name", "change"), [
-    (FULL_BATCH, DF, "add_gaussian_noise_", scale_noise(0.1)),
-    (FULL_BATCH, engine_module._Clipper, "_factors", no_clipping),
-    (POISSON, DF, "add_gaussian_noise_", reuse_noise()),
-], ids=["noise-scaled-by-0.1", "clipping-disabled", "noise-reused-across-steps"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("settings", "owner", "name", "change"),
+    [
+        (FULL_BATCH, DF, "add_gaussian_noise_", scale_noise(0.1)),
+        (FULL_BATCH, clipping_module.Clipper, "_factors", no_clipping),
+        (POISSON, DF, "add_gaussian_noise_", reuse_noise()),
+    ],
+    ids=["noise-scaled-by-0.1", "clipping-disabled", "noise-reused-across-steps"],
+)
 @pytest.mark.parametrize("device", DEVICES)
 def test_broken_mechanism_exceeds_the_claimed_epsilon(
     monkeypatch, settings, owner, name, change, device

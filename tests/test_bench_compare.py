@@ -37,10 +37,16 @@ def write_run(path, benchmarks, gpu=H100, when="2026-11-01T12:00:00+00:00", torc
                 "params": {},
                 "extra_info": extra,
                 "options": {"timer": "perf_counter"},
-                "stats": {"min": median * 0.95, "max": median * 1.1, "median": median,
-                          "mean": median, "rounds": 5, "iterations": 1},
+                "stats": {
+                    "min": median * 0.95,
+                    "max": median * 1.1,
+                    "median": median,
+                    "mean": median,
+                    "rounds": 5,
+                    "iterations": 1,
+                },
             }
-        )  # fmt: skip
+        )
     data = {
         "machine_info": {"node": "gpu-1", "gpu": gpu, "torch": torch, "triton": "3.6.0",
                          "cuda": "12.8"},
@@ -155,8 +161,12 @@ def test_benchmarks_in_only_one_run_are_listed_not_failed(tmp_path, results, cap
 def test_latest_result_of_the_gpu_is_the_baseline(tmp_path, results, capsys):
     # a later run made the step faster (0.5 s -> 0.3 s); 0.4 s is a regression against that
     write_run(results / "h100_2026-11-10_training_step.json", {STEP: 0.3}, when="2026-11-10")
-    write_run(results / "a100_2026-11-20_training_step.json", {STEP: 0.4}, gpu=A100,
-              when="2026-11-20T00:00:00")  # fmt: skip
+    write_run(
+        results / "a100_2026-11-20_training_step.json",
+        {STEP: 0.4},
+        gpu=A100,
+        when="2026-11-20T00:00:00",
+    )
     new = write_run(tmp_path / "new.json", {STEP: 0.4}, when="2026-11-23T08:00:00+00:00")
     code, out = run_main(capsys, new, "--baseline-dir", results)
     assert code == 1
@@ -175,8 +185,11 @@ def test_latest_is_decided_by_the_recorded_datetime_not_the_file_name(tmp_path, 
 
 
 def test_new_file_inside_the_results_folder_is_not_its_own_baseline(results, capsys):
-    new = write_run(results / "h100_2026-11-23_training_step.json", {STEP: 0.6},
-                    when="2026-11-23T08:00:00+00:00")  # fmt: skip
+    new = write_run(
+        results / "h100_2026-11-23_training_step.json",
+        {STEP: 0.6},
+        when="2026-11-23T08:00:00+00:00",
+    )
     code, out = run_main(capsys, new, "--baseline-dir", results)
     assert code == 1
     assert "median ms 500 -> 600 (+20.0% time)" in out
@@ -210,13 +223,17 @@ def test_run_without_gpu_or_benchmarks_compares_nothing(tmp_path, results, capsy
         ("{not json", "cannot read it as JSON"),
         ('{"benchmarks": []}', "not a pytest-benchmark JSON file"),
         ('{"machine_info": {}, "benchmarks": []}', "expected an ISO date and time in 'datetime'"),
-        ('{"machine_info": {}, "benchmarks": [{"fullname": "a::b"}], "datetime": "2026-11-01"}',
-         "every benchmark needs 'fullname', 'stats.median' and 'extra_info'"),
-        ('{"machine_info": {}, "datetime": "2026-11-01", "benchmarks": '
-         '[{"fullname": "a::b", "stats": {"median": 0}, "extra_info": {}}]}',
-         "a::b has median 0, expected seconds > 0"),
+        (
+            '{"machine_info": {}, "benchmarks": [{"fullname": "a::b"}], "datetime": "2026-11-01"}',
+            "every benchmark needs 'fullname', 'stats.median' and 'extra_info'",
+        ),
+        (
+            '{"machine_info": {}, "datetime": "2026-11-01", "benchmarks": '
+            '[{"fullname": "a::b", "stats": {"median": 0}, "extra_info": {}}]}',
+            "a::b has median 0, expected seconds > 0",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_files_are_refused(tmp_path, results, capsys, content, message):
     bad = tmp_path / "bad.json"
     bad.write_text(content)

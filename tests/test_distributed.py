@@ -34,7 +34,7 @@ from dp_attn.distributed import (
     DistributedPrivacyEngine,
 )
 from dp_attn.engine import PrivacyEngine
-from dp_attn.kernels.reference import secure_noise_grid
+from dp_attn.kernels.noise import secure_noise_grid
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -109,8 +109,12 @@ def private(engine, z, clipping="flat", wrapper="ddp"):
     model = wrap(make_model(), wrapper)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     return engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader(), noise_multiplier=z,
-        max_grad_norm=C, clipping=clipping,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader(),
+        noise_multiplier=z,
+        max_grad_norm=C,
+        clipping=clipping,
     )
 
 
@@ -135,8 +139,11 @@ def _scenarios(rank: int) -> dict:
         resumed.load_state_dict(state)
         model, optimizer, _ = private(resumed, Z, wrapper=wrapper)
         step(model, optimizer, [[]])
-        return {"grads": grads, "epsilon": engine.get_epsilon(DELTA),
-                "resumed_epsilon": resumed.get_epsilon(DELTA)}  # fmt: skip
+        return {
+            "grads": grads,
+            "epsilon": engine.get_epsilon(DELTA),
+            "resumed_epsilon": resumed.get_epsilon(DELTA),
+        }
 
     out = {}
     for wrapper in WRAPPERS:
@@ -157,8 +164,11 @@ def _scenarios(rank: int) -> dict:
     def refusal(model):
         try:
             DistributedPrivacyEngine("rdp").make_private(
-                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                data_loader=loader(), noise_multiplier=Z, max_grad_norm=C,
+                module=model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+                data_loader=loader(),
+                noise_multiplier=Z,
+                max_grad_norm=C,
             )
         except TypeError as err:
             return str(err)
@@ -194,7 +204,10 @@ def _scenarios(rank: int) -> dict:
 
 def _worker(rank: int, port: int, results: str) -> None:
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
     )
     try:
@@ -220,8 +233,9 @@ def ranks(tmp_path_factory):
     """Each rank's results of every scenario: [rank 0's, rank 1's]."""
     results = str(tmp_path_factory.mktemp("distributed"))
     mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(results, f"rank{r}.pt"), weights_only=False)
-            for r in range(WORLD)]  # fmt: skip
+    return [
+        torch.load(os.path.join(results, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)
+    ]
 
 
 def result(ranks, name):

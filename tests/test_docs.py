@@ -53,6 +53,13 @@ def test_every_name_in_all_exists(module_name):
     assert not missing, f"{module_name}.__all__ lists names it does not have: {missing}"
 
 
+def test_the_root_exports_all_of_functional():
+    import dp_attn
+    from dp_attn import functional
+
+    assert sorted(dp_attn._EXPORTS["functional"]) == sorted(functional.__all__)
+
+
 def test_flash_attention_is_exported_at_the_root():
     import dp_attn
     from dp_attn import functional

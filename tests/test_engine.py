@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 import dp_attn.functional as DF
 from dp_attn.accounting import BudgetExceededError
 from dp_attn.engine import PoissonDataLoader, PrivacyEngine
-from dp_attn.kernels.reference import BLOCK_CLIP_TILE
+from dp_attn.functional import BLOCK_CLIP_TILE
 from dp_attn.nn import DPEmbedding, DPLayerNorm, DPLinear, DPMultiheadAttention
 from tests.tiny_models import (
     clipped_sums,
@@ -38,13 +38,17 @@ def loader_of(n=N, batch_size=BATCH, dim=1):
     return DataLoader(TensorDataset(torch.zeros(n, dim)), batch_size=batch_size)
 
 
-def private(model, clipping="flat", noise_multiplier=0.0, max_grad_norm=1.0, n=N, lr=0.0,
-            **kwargs):  # fmt: skip
+def private(model, clipping="flat", noise_multiplier=0.0, max_grad_norm=1.0, n=N, lr=0.0, **kwargs):
     engine = PrivacyEngine(accountant=kwargs.pop("accountant", "prv"))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader_of(n), clipping=clipping,
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, **kwargs,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader_of(n),
+        clipping=clipping,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        **kwargs,
     )
     return engine, model, optimizer, loader
 
@@ -56,9 +60,7 @@ def released(model):
 def close(actual, expected, tol=1e-5, msg=None):
     """fp32 result vs float64 oracle: tol relative to each element and to the largest one."""
     scale = max(1e-3, expected.abs().max().item())
-    torch.testing.assert_close(
-        actual.double(), expected, rtol=tol, atol=tol * scale, msg=msg
-    )
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * scale, msg=msg)
 
 
 # ---------------------------------------------------------------- the oracle test
@@ -73,8 +75,11 @@ def oracle():
     norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per_example.values()))
     linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     return {
-        "model": model, "batch": (ids, targets, mask), "per_example": per_example,
-        "max_grad_norm": float(norms.median()), "linear": linear,
+        "model": model,
+        "batch": (ids, targets, mask),
+        "per_example": per_example,
+        "max_grad_norm": float(norms.median()),
+        "linear": linear,
     }
 
 
@@ -99,9 +104,7 @@ def test_gradient_equals_oracle(oracle, style):
     """noise_multiplier=0: the gradient handed to the optimizer is Σ_i clip(g_i) / (q·N), with
     g_i the unconverted model's per-example gradient; then an empty batch releases zeros."""
     model = copy.deepcopy(oracle["model"])
-    engine, model, optimizer, _ = private(
-        model, style, max_grad_norm=oracle["max_grad_norm"]
-    )
+    engine, model, optimizer, _ = private(model, style, max_grad_norm=oracle["max_grad_norm"])
     train_step(model, optimizer, *oracle["batch"])
     want = expected_grads(oracle, style)
     got = released(model)
@@ -162,12 +165,14 @@ def test_bf16_training_step_cuda(style):
     engine, model, optimizer, _ = private(model, style, 1.0, 1.0, lr=1e-2)
     ids, targets, mask = (t.cuda() for t in make_batch(batch=BATCH, length=64))
     train_step(model, optimizer, ids, targets, mask)
-    assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
-               for p in model.parameters())  # fmt: skip
+    assert all(
+        p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in model.parameters()
+    )
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     train_step(model, optimizer, ids[:0], targets[:0], mask[:0])
     assert_std(flat_grads(model).float(), 1.0 / BATCH)
     assert engine.stats.steps == 2
+
 
 # ---------------------------------------------------------------- noise
 
@@ -200,9 +205,18 @@ def test_empty_batches_release_fresh_noise_of_the_stated_std(style):
     model = make_model()
     z, max_grad_norm, total = 1.3, 2.0, 2.0
     if style == "per-layer":
-        layers = [n for n, m in model.named_modules() if type(m) in (
-            nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention,
-            nn.modules.linear.NonDynamicallyQuantizableLinear)]
+        layers = [
+            n
+            for n, m in model.named_modules()
+            if type(m)
+            in (
+                nn.Linear,
+                nn.LayerNorm,
+                nn.Embedding,
+                nn.MultiheadAttention,
+                nn.modules.linear.NonDynamicallyQuantizableLinear,
+            )
+        ]
         max_grad_norm = {n: 0.5 + 0.1 * i for i, n in enumerate(layers)}
         total = math.sqrt(sum(c * c for c in max_grad_norm.values()))
     engine, model, optimizer, _ = private(model, style, z, max_grad_norm)
@@ -355,7 +369,10 @@ def test_conversion_keeps_parameters_state_dict_and_optimizer():
     scheduler_optimizer = optimizer
     engine = PrivacyEngine()
     converted, dp_opt, _ = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader_of(), noise_multiplier=1.0,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader_of(),
+        noise_multiplier=1.0,
         max_grad_norm=1.0,
     )
     assert converted is model and list(model.state_dict()) == keys
@@ -435,8 +452,13 @@ def test_resume_continues_the_ledger():
 def test_budget_stops_before_release():
     """The step that would overspend raises before anything is released or recorded."""
     engine, model, opt, _ = private(
-        linear_model(), noise_multiplier=1.5, n=16, accountant="rdp", lr=0.1,
-        target_epsilon=3.0, target_delta=1e-5,
+        linear_model(),
+        noise_multiplier=1.5,
+        n=16,
+        accountant="rdp",
+        lr=0.1,
+        target_epsilon=3.0,
+        target_delta=1e-5,
     )
     with pytest.raises(BudgetExceededError):
         for _ in range(1000):
@@ -456,8 +478,12 @@ def test_make_private_with_epsilon():
     engine = PrivacyEngine(accountant="rdp")
     model = linear_model()
     model, opt, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=loader_of(16, 4), target_epsilon=2.0, target_delta=1e-5, epochs=3,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader_of(16, 4),
+        target_epsilon=2.0,
+        target_delta=1e-5,
+        epochs=3,
         max_grad_norm=1.0,
     )
     assert opt.noise_multiplier > 0
@@ -495,14 +521,20 @@ def test_bad_models_and_optimizers():
     foreign = nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="not a private parameter of the module"):
         PrivacyEngine().make_private(
-            module=model, optimizer=torch.optim.SGD([*model.parameters(), foreign], lr=0.1),
-            data_loader=loader_of(), noise_multiplier=1.0, max_grad_norm=1.0,
+            module=model,
+            optimizer=torch.optim.SGD([*model.parameters(), foreign], lr=0.1),
+            data_loader=loader_of(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
         )
     _, model, opt, _ = private(linear_model())
     with pytest.raises(RuntimeError, match="already private"):
         private(model)
     with pytest.raises(TypeError, match=r"module must be a torch\.nn\.Module"):
         PrivacyEngine().make_private(
-            module=lambda x: x, optimizer=opt, data_loader=loader_of(), noise_multiplier=1.0,
+            module=lambda x: x,
+            optimizer=opt,
+            data_loader=loader_of(),
+            noise_multiplier=1.0,
             max_grad_norm=1.0,
         )

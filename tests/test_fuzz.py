@@ -2,8 +2,8 @@
 widths), dtypes, memory layouts (transposed, sliced, zero-stride expanded), NaN/inf and extreme
 values, mismatched devices (the meta device stands in for a second one), and wrong option values
 and types, for every public function of dp_attn.functional and for the DP modules of dp_attn.nn
-attached to an engine. Every case either equals the plain-PyTorch
-twin (kernels/reference.py; for modules, the nn module's own gradient) or raises TypeError,
+attached to an engine. Every case either equals the plain-PyTorch twin (`*_reference`
+beside each kernel; for modules, the nn module's own gradient) or raises TypeError,
 ValueError or RuntimeError whose message names the offending argument. A Triton error (compile or
 interpreter) is a failure, and so is a silently different result.
 
@@ -21,6 +21,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import dp_attn.functional as F
 from dp_attn.engine import PrivacyEngine
 from dp_attn.kernels import reference
+from dp_attn.kernels.clipped_sum import block_clipped_grad_sum_reference, clipped_grad_sum_reference
+from dp_attn.kernels.embedding import embedding_clipped_grad_sum_reference, embedding_grad_sq_norms
+from dp_attn.kernels.noise import add_gaussian_noise_reference, secure_noise_grid
+from dp_attn.kernels.norm_affine import (
+    norm_affine_clipped_grad_sum_reference,
+    norm_affine_grad_sq_norms_reference,
+)
+from dp_attn.kernels.per_example_norms import per_example_grad_sq_norms_reference
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:invalid value encountered:RuntimeWarning",
@@ -30,9 +38,11 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 FUZZ = settings(
-    max_examples=80, deadline=None, derandomize=True,
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)  # fmt: skip
+)
 CLEAR_ERRORS = (TypeError, ValueError, RuntimeError)
 DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -106,8 +116,9 @@ def assert_like(got, want, *, rtol, atol_rel, slack=0.0):
     assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (got, want)
     finite = torch.isfinite(want)
     scale = want[finite].abs().max().item() if finite.any() else 0.0
-    torch.testing.assert_close(got[finite], want[finite], rtol=rtol,
-                               atol=atol_rel * scale + slack + 1e-30)  # fmt: skip
+    torch.testing.assert_close(
+        got[finite], want[finite], rtol=rtol, atol=atol_rel * scale + slack + 1e-30
+    )
 
 
 def tolerances(dtype_name, out_dtype=None):
@@ -126,40 +137,36 @@ def draw_mutation(data, mutations):
 
 
 def draw_dtype(data, mutation):
-    names = [n for n in DTYPES if n not in ACCEPTED_DTYPES] if mutation == "dtype" \
+    names = (
+        [n for n in DTYPES if n not in ACCEPTED_DTYPES]
+        if mutation == "dtype"
         else list(ACCEPTED_DTYPES)
+    )
     return data.draw(st.sampled_from(names))
 
 
-NOISE_MUTATIONS = {
-    "noise_std": [math.nan, math.inf, -1.0, "1", None, True],
+SUM_MUTATIONS = {
     "scale": [math.nan, math.inf, "2", None],
-    "seed": [-1, 2**128, 1.5, "7"],
-    "secure_mode": ["yes", 1, None],
     "out_dtype": [torch.int32, torch.float64, "float32"],
 }
 
 
-def noise_options(data, mutation):
-    """Drawn noise keyword arguments, with the mutation applied if it names one of them."""
+def sum_options(data, mutation):
+    """Drawn clipped-sum keyword arguments, with the mutation applied if it names one of them."""
     options = dict(
-        noise_std=data.draw(st.sampled_from([0.0, 0.5, 3.0])),
         scale=data.draw(st.sampled_from([1.0, 0.25, -2.0])),
-        seed=data.draw(st.sampled_from([7, 2**64 + 7, 2**128 - 1])),
-        secure_mode=data.draw(st.booleans()),
         out_dtype=data.draw(st.sampled_from([None, torch.float32, torch.bfloat16])),
     )
-    if mutation in NOISE_MUTATIONS:
-        options[mutation] = data.draw(st.sampled_from(NOISE_MUTATIONS[mutation]))
+    if mutation in SUM_MUTATIONS:
+        options[mutation] = data.draw(st.sampled_from(SUM_MUTATIONS[mutation]))
     return options
 
 
-def noise_slack(options):
+def noise_slack(std, secure_mode):
     """secure_mode rounds to a grid: a float difference at a tie may move a value one step."""
-    std = options["noise_std"]
-    if not options["secure_mode"] or not isinstance(std, float) or std <= 0:
+    if not secure_mode or not isinstance(std, float) or std <= 0:
         return 0.0
-    return reference.secure_noise_grid(std) * abs(options["scale"])
+    return secure_noise_grid(std)
 
 
 def check_outcome(result, err, mutation, names, twin, *, dtype, out_dtype=None, slack=None):
@@ -208,12 +215,19 @@ def linear_case(data, mutation):
 def test_fuzz_per_example_grad_sq_norms(data):
     mutation = draw_mutation(data, (*PAIR_MUTATIONS, "method"))
     a, g, dtype = linear_case(data, mutation)
-    method = data.draw(st.sampled_from(["fast", 3] if mutation == "method"
-                                       else [None, "ghost", "instantiate"]))  # fmt: skip
+    method = data.draw(
+        st.sampled_from(["fast", 3] if mutation == "method" else [None, "ghost", "instantiate"])
+    )
     bias = data.draw(st.booleans())
     got, err = call(F.per_example_grad_sq_norms, a, g, bias=bias, method=method)
-    check_outcome(got, err, mutation, ["a", "g", "method"], dtype=dtype,
-                  twin=lambda: reference.per_example_grad_sq_norms(a, g, bias=bias, method=method))
+    check_outcome(
+        got,
+        err,
+        mutation,
+        ["a", "g", "method"],
+        dtype=dtype,
+        twin=lambda: per_example_grad_sq_norms_reference(a, g, bias=bias, method=method),
+    )
 
 
 CLIP_FACTOR_MUTATIONS = {"clip_factors": ["length", "dtype", "rank", "list"]}
@@ -225,46 +239,69 @@ def clip_factors(data, batch, mutation):
     if mutation != "clip_factors":
         return c
     how = data.draw(st.sampled_from(CLIP_FACTOR_MUTATIONS["clip_factors"]))
-    return {"length": torch.ones(batch + 2), "dtype": c.double(), "rank": c[None],
-            "list": c.tolist()}[how]  # fmt: skip
+    return {
+        "length": torch.ones(batch + 2),
+        "dtype": c.double(),
+        "rank": c[None],
+        "list": c.tolist(),
+    }[how]
 
 
 @given(data=st.data())
 @FUZZ
 def test_fuzz_clipped_grad_sum(data):
-    mutation = draw_mutation(data, (*PAIR_MUTATIONS, "clip_factors", *NOISE_MUTATIONS))
+    mutation = draw_mutation(data, (*PAIR_MUTATIONS, "clip_factors", *SUM_MUTATIONS))
     a, g, dtype = linear_case(data, mutation)
     batch = g.shape[0]
     c = clip_factors(data, batch, mutation)
-    options = noise_options(data, mutation)
+    options = sum_options(data, mutation)
     bias = data.draw(st.booleans())
     got, err = call(F.clipped_grad_sum, a, g, c, bias=bias, **options)
-    check_outcome(got, err, mutation, ["a", "g", "clip_factors", *NOISE_MUTATIONS], dtype=dtype,
-                  out_dtype=options["out_dtype"], slack=lambda: noise_slack(options),
-                  twin=lambda: reference.clipped_grad_sum(a, g, c, bias=bias, **options))
+    check_outcome(
+        got,
+        err,
+        mutation,
+        ["a", "g", "clip_factors", *SUM_MUTATIONS],
+        dtype=dtype,
+        out_dtype=options["out_dtype"],
+        twin=lambda: clipped_grad_sum_reference(a, g, c, bias=bias, **options),
+    )
 
 
 @given(data=st.data())
 @FUZZ
 def test_fuzz_block_clipped_grad_sum(data):
-    mutation = draw_mutation(data, (*PAIR_MUTATIONS, "threshold", *NOISE_MUTATIONS))
+    mutation = draw_mutation(data, (*PAIR_MUTATIONS, "threshold", *SUM_MUTATIONS))
     a, g, dtype = linear_case(data, mutation)
-    threshold = data.draw(st.sampled_from([-1.0, math.nan, math.inf, "1"] if mutation ==
-                                          "threshold" else [0.5, 1e-3, 0.0, 7]))  # fmt: skip
-    options = noise_options(data, mutation)
+    threshold = data.draw(
+        st.sampled_from(
+            [-1.0, math.nan, math.inf, "1"] if mutation == "threshold" else [0.5, 1e-3, 0.0, 7]
+        )
+    )
+    options = sum_options(data, mutation)
     bias = data.draw(st.booleans())
     got, err = call(F.block_clipped_grad_sum, a, g, threshold, bias=bias, **options)
-    check_outcome(got, err, mutation, ["a", "g", "threshold", *NOISE_MUTATIONS], dtype=dtype,
-                  out_dtype=options["out_dtype"], slack=lambda: noise_slack(options),
-                  twin=lambda: reference.block_clipped_grad_sum(a, g, threshold, bias=bias,
-                                                                **options))  # fmt: skip
+    check_outcome(
+        got,
+        err,
+        mutation,
+        ["a", "g", "threshold", *SUM_MUTATIONS],
+        dtype=dtype,
+        out_dtype=options["out_dtype"],
+        twin=lambda: block_clipped_grad_sum_reference(a, g, threshold, bias=bias, **options),
+    )
 
 
 def test_block_clip_num_groups():
     assert F.block_clip_num_groups(1, 1) == 1
     assert F.block_clip_num_groups(129, 257) == 2 * 3
-    for dout, din, name in ((0, 5, "dout"), (5, -1, "din"), ("3", 5, "dout"), (5, 2.0, "din"),
-                            (True, 5, "dout")):  # fmt: skip
+    for dout, din, name in (
+        (0, 5, "dout"),
+        (5, -1, "din"),
+        ("3", 5, "dout"),
+        (5, 2.0, "din"),
+        (True, 5, "dout"),
+    ):
         with pytest.raises(ValueError, match=name):
             F.block_clip_num_groups(dout, din)
 
@@ -275,8 +312,9 @@ def test_block_clip_num_groups():
 @given(data=st.data())
 @FUZZ
 def test_fuzz_norm_affine(data):
-    mutation = draw_mutation(data, ("dtype", "shapes_differ", "rank", "clip_factors",
-                                    *NOISE_MUTATIONS))  # fmt: skip
+    mutation = draw_mutation(
+        data, ("dtype", "shapes_differ", "rank", "clip_factors", *SUM_MUTATIONS)
+    )
     batch = data.draw(st.sampled_from([0, 1, 3]))
     seq = data.draw(st.sampled_from([None, 1, 4]))
     d = data.draw(st.sampled_from([1, 5, 33]))
@@ -289,22 +327,42 @@ def test_fuzz_norm_affine(data):
     elif mutation == "rank":
         x_hat, g = x_hat[..., None, None], g[..., None, None]
     bias = data.draw(st.booleans())
-    names = ["x_hat", "g", "clip_factors", *NOISE_MUTATIONS]
+    names = ["x_hat", "g", "clip_factors", *SUM_MUTATIONS]
     got, err = call(F.norm_affine_grad_sq_norms, x_hat, g, bias=bias)
     norm_mutation = mutation if mutation in ("dtype", "shapes_differ", "rank") else None
-    check_outcome(got, err, norm_mutation, names, dtype=dtype,
-                  twin=lambda: reference.norm_affine_grad_sq_norms(x_hat, g, bias=bias))
+    check_outcome(
+        got,
+        err,
+        norm_mutation,
+        names,
+        dtype=dtype,
+        twin=lambda: norm_affine_grad_sq_norms_reference(x_hat, g, bias=bias),
+    )
     c = clip_factors(data, batch, mutation)
-    options = noise_options(data, mutation)
+    options = sum_options(data, mutation)
     got, err = call(F.norm_affine_clipped_grad_sum, x_hat, g, c, bias=bias, **options)
-    check_outcome(got, err, mutation, names, dtype=dtype, out_dtype=options["out_dtype"],
-                  slack=lambda: noise_slack(options),
-                  twin=lambda: reference.norm_affine_clipped_grad_sum(x_hat, g, c, bias=bias,
-                                                                      **options))  # fmt: skip
+    check_outcome(
+        got,
+        err,
+        mutation,
+        names,
+        dtype=dtype,
+        out_dtype=options["out_dtype"],
+        twin=lambda: norm_affine_clipped_grad_sum_reference(x_hat, g, c, bias=bias, **options),
+    )
 
 
-EMBEDDING_MUTATIONS = ("dtype", "ids_dtype", "ids_negative", "ids_too_big", "padding_idx",
-                       "num_embeddings", "shapes_differ", "clip_factors", *NOISE_MUTATIONS)
+EMBEDDING_MUTATIONS = (
+    "dtype",
+    "ids_dtype",
+    "ids_negative",
+    "ids_too_big",
+    "padding_idx",
+    "num_embeddings",
+    "shapes_differ",
+    "clip_factors",
+    *SUM_MUTATIONS,
+)
 
 
 @given(data=st.data())
@@ -328,27 +386,49 @@ def test_fuzz_embedding(data):
     g = hostile_tensor(data, (*lead, d), dtype)
     if mutation == "shapes_differ":
         g = g[:, None]
-    padding_idx = data.draw(st.sampled_from([-1, vocab, 1.0, "0"] if mutation == "padding_idx"
-                                            else [None, 0, vocab - 1]))  # fmt: skip
-    num_embeddings = data.draw(st.sampled_from([0, "7", 2.0] if mutation == "num_embeddings"
-                                               else [vocab]))  # fmt: skip
-    names = ["ids", "g", "padding_idx", "num_embeddings", "clip_factors", *NOISE_MUTATIONS]
+    padding_idx = data.draw(
+        st.sampled_from(
+            [-1, vocab, 1.0, "0"] if mutation == "padding_idx" else [None, 0, vocab - 1]
+        )
+    )
+    num_embeddings = data.draw(
+        st.sampled_from([0, "7", 2.0] if mutation == "num_embeddings" else [vocab])
+    )
+    names = ["ids", "g", "padding_idx", "num_embeddings", "clip_factors", *SUM_MUTATIONS]
     # Without the table size the norms accept any ids and a padding_idx beyond the table.
-    norms_mutation = mutation if mutation in ("dtype", "ids_dtype", "shapes_differ") or (
-        mutation == "padding_idx" and padding_idx != vocab) else None
+    norms_mutation = (
+        mutation
+        if mutation in ("dtype", "ids_dtype", "shapes_differ")
+        or (mutation == "padding_idx" and padding_idx != vocab)
+        else None
+    )
     got, err = call(F.embedding_grad_sq_norms, ids, g, padding_idx=padding_idx)
-    check_outcome(got, err, norms_mutation, names, dtype=dtype,
-                  twin=lambda: reference.embedding_grad_sq_norms(ids, g, padding_idx=padding_idx))
+    check_outcome(
+        got,
+        err,
+        norms_mutation,
+        names,
+        dtype=dtype,
+        twin=lambda: embedding_grad_sq_norms(ids, g, padding_idx=padding_idx),
+    )
     c = clip_factors(data, batch, mutation)
-    options = noise_options(data, mutation)
+    options = sum_options(data, mutation)
     if mutation in ("ids_negative", "ids_too_big") and not ids.numel():
         mutation = None  # no id to corrupt in an empty batch
-    got, err = call(F.embedding_clipped_grad_sum, ids, g, c, num_embeddings,
-                    padding_idx=padding_idx, **options)  # fmt: skip
-    check_outcome(got, err, mutation, names, dtype=dtype, out_dtype=options["out_dtype"],
-                  slack=lambda: noise_slack(options),
-                  twin=lambda: reference.embedding_clipped_grad_sum(
-                      ids, g, c, num_embeddings, padding_idx=padding_idx, **options))
+    got, err = call(
+        F.embedding_clipped_grad_sum, ids, g, c, num_embeddings, padding_idx=padding_idx, **options
+    )
+    check_outcome(
+        got,
+        err,
+        mutation,
+        names,
+        dtype=dtype,
+        out_dtype=options["out_dtype"],
+        twin=lambda: embedding_clipped_grad_sum_reference(
+            ids, g, c, num_embeddings, padding_idx=padding_idx, **options
+        ),
+    )
 
 
 @given(data=st.data())
@@ -367,11 +447,17 @@ def test_fuzz_add_gaussian_noise_(data):
     original = x.clone()
     target = x.tolist() if mutation == "list" else x
     got, err = call(F.add_gaussian_noise_, target, std, seed=seed, secure_mode=secure_mode)
-    options = dict(noise_std=std, scale=1.0, secure_mode=secure_mode)
-    check_outcome(got, err, mutation, ["x", "std", "seed", "secure_mode"], dtype=dtype,
-                  slack=lambda: noise_slack(options),
-                  twin=lambda: reference.add_gaussian_noise_(original.clone(), std, seed=seed,
-                                                             secure_mode=secure_mode))  # fmt: skip
+    check_outcome(
+        got,
+        err,
+        mutation,
+        ["x", "std", "seed", "secure_mode"],
+        dtype=dtype,
+        slack=lambda: noise_slack(std, secure_mode),
+        twin=lambda: add_gaussian_noise_reference(
+            original.clone(), std, seed=seed, secure_mode=secure_mode
+        ),
+    )
     if mutation:  # nothing written before refusing
         assert x.eq(original).logical_or(x.isnan() & original.isnan()).all()
     else:
@@ -383,9 +469,9 @@ def test_twin_adds_noise_to_empty_tensors():
     whose last dimension is 0; the seed is still checked."""
     for shape in ((0,), (3, 0), (0, 4)):
         x = torch.empty(shape)
-        assert reference.add_gaussian_noise_(x, 1.0, seed=1, secure_mode=True) is x
+        assert add_gaussian_noise_reference(x, 1.0, seed=1, secure_mode=True) is x
     with pytest.raises(ValueError, match="seed"):
-        reference.add_gaussian_noise_(torch.empty(0), 1.0, seed=-1)
+        add_gaussian_noise_reference(torch.empty(0), 1.0, seed=-1)
 
 
 def test_add_gaussian_noise_to_expanded_tensor_is_refused():
@@ -397,13 +483,23 @@ def test_add_gaussian_noise_to_expanded_tensor_is_refused():
 
 # ---------------------------------------------------------------- attention
 
-ATTENTION_MUTATIONS = ("dtype", "heads", "head_dim", "causal", "softmax_scale", "key_lengths",
-                       "dtypes_differ", "device", "rank")
+ATTENTION_MUTATIONS = (
+    "dtype",
+    "heads",
+    "head_dim",
+    "causal",
+    "softmax_scale",
+    "key_lengths",
+    "dtypes_differ",
+    "device",
+    "rank",
+)
 
 
 @given(data=st.data())
-@settings(max_examples=80, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@settings(
+    max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 def test_fuzz_flash_attention(data):
     mutation = draw_mutation(data, ATTENTION_MUTATIONS)
     batch = data.draw(st.sampled_from([0, 1, 2]))
@@ -424,8 +520,11 @@ def test_fuzz_flash_attention(data):
     elif mutation == "rank":
         q = q.flatten(0, 1)
     causal = "yes" if mutation == "causal" else data.draw(st.booleans())
-    softmax_scale = data.draw(st.sampled_from([0.0, -1.0, math.inf, "0.1"]
-                                              if mutation == "softmax_scale" else [None, 0.3]))
+    softmax_scale = data.draw(
+        st.sampled_from(
+            [0.0, -1.0, math.inf, "0.1"] if mutation == "softmax_scale" else [None, 0.3]
+        )
+    )
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 99)))
     key_lengths = None
     if mutation == "key_lengths" or data.draw(st.booleans()):
@@ -437,14 +536,20 @@ def test_fuzz_flash_attention(data):
         else:
             key_lengths = key_lengths.to(torch.int16) if how == "int16" else key_lengths[None]
     leaf = [t.detach().requires_grad_(dtype in ACCEPTED_DTYPES) for t in (q, k, v)]
-    got, err = call(F.flash_attention, *leaf, causal=causal, softmax_scale=softmax_scale,
-                    key_lengths=key_lengths)  # fmt: skip
+    got, err = call(
+        F.flash_attention,
+        *leaf,
+        causal=causal,
+        softmax_scale=softmax_scale,
+        key_lengths=key_lengths,
+    )
     names = ["q", "k", "v", "heads", "head dim", "causal", "softmax_scale", "key_lengths"]
     ref_leaf = [t.detach().clone().requires_grad_(dtype in ACCEPTED_DTYPES) for t in (q, k, v)]
 
     def twin():
-        return reference.attention_reference(*ref_leaf, causal=causal, key_lengths=key_lengths,
-                                             softmax_scale=softmax_scale)  # fmt: skip
+        return reference.attention_reference(
+            *ref_leaf, causal=causal, key_lengths=key_lengths, softmax_scale=softmax_scale
+        )
 
     def twin_as_kernel():
         """The twin, except in rows whose every visible score is -inf (an inf in q or k): the
@@ -461,8 +566,14 @@ def test_fuzz_flash_attention(data):
             want = want.masked_fill(all_neg_inf[..., None], 0.0)
         return want
 
-    check_outcome(None if got is None else got.detach(), err, mutation, names, dtype=dtype,
-                  twin=twin_as_kernel)
+    check_outcome(
+        None if got is None else got.detach(),
+        err,
+        mutation,
+        names,
+        dtype=dtype,
+        twin=twin_as_kernel,
+    )
     if mutation is None and values in ("normal", "zero") and got.numel():
         do = torch.randn(got.shape, generator=gen).to(got.dtype)
         grads = torch.autograd.grad(got, leaf, do)
@@ -502,8 +613,12 @@ def released_vs_plain(make_module, inputs, loss_of):
     optimizer = torch.optim.SGD(private_module.parameters(), lr=0.0)
     loader = DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=4)  # q·N = 4
     private_module, optimizer, _ = engine.make_private(
-        module=private_module, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
-        max_grad_norm=1e12, loss_reduction="sum",
+        module=private_module,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=1e12,
+        loss_reduction="sum",
     )
     want_err = got_err = None
     try:
@@ -537,15 +652,22 @@ MODULES = {
 
 
 def module_loss(module, x):
-    out = module(x, x, x, need_weights=False)[0] if isinstance(module, nn.MultiheadAttention) \
+    out = (
+        module(x, x, x, need_weights=False)[0]
+        if isinstance(module, nn.MultiheadAttention)
         else module(x)
+    )
     return out.float().square().sum()
 
 
 @pytest.mark.parametrize("kind", list(MODULES))
 @given(data=st.data())
-@settings(max_examples=20, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 def test_fuzz_dp_modules(kind, data):
     """Each DP module attached to an engine (z = 0, a clipping bound never reached) releases the
     plain module's gradient over q·N for drawn batch sizes (0 included), lengths (1 included),

@@ -15,26 +15,54 @@ WHEN = "2026-05-01T10:00:00+00:00"
 
 
 def bench(suite, name, median, **extra):
-    return {"name": name, "fullname": f"bench/test_{suite}.py::{name}",
-            "stats": {"median": median}, "extra_info": extra}  # fmt: skip
+    return {
+        "name": name,
+        "fullname": f"bench/test_{suite}.py::{name}",
+        "stats": {"median": median},
+        "extra_info": extra,
+    }
 
 
 def write(path, benchmarks):
-    path.write_text(json.dumps({"machine_info": MACHINE, "datetime": WHEN,
-                                "benchmarks": benchmarks}))  # fmt: skip
+    path.write_text(
+        json.dumps({"machine_info": MACHINE, "datetime": WHEN, "benchmarks": benchmarks})
+    )
     return str(path)
 
 
 def synthetic_run(tmp_path):
-    attention = [bench("attention", f"attn[{p}]", 1e-3, provider=p, mode="fwd", D=128, T=4096,
-                       causal=True, tflops=tflops)
-                 for p, tflops in (("ours", 300.0), ("sdpa-flash", 400.0), ("sdpa-cudnn", 600.0))]
-    kernels = [bench("dp_kernels", f"k[{c}]", 1.0, layer="gpt2-mlp 768->3072", seq=1024, case=c,
-                     time_ms=ms) for c, ms in (("gemm", 2.0), ("ghost", 3.0), ("opacus", 9.0))]
-    training = [bench("training_step", f"t[{m}]", s, method=m, T=1024)
-                for m, s in (("non-private SDPA", 0.1), ("ours flat", 0.15), ("opacus ghost", 0.6))]
-    return [write(tmp_path / f"{name}.json", rows) for name, rows in
-            (("attention", attention), ("dp_kernels", kernels), ("training_step", training))]
+    attention = [
+        bench(
+            "attention",
+            f"attn[{p}]",
+            1e-3,
+            provider=p,
+            mode="fwd",
+            D=128,
+            T=4096,
+            causal=True,
+            tflops=tflops,
+        )
+        for p, tflops in (("ours", 300.0), ("sdpa-flash", 400.0), ("sdpa-cudnn", 600.0))
+    ]
+    kernels = [
+        bench(
+            "dp_kernels", f"k[{c}]", 1.0, layer="gpt2-mlp 768->3072", seq=1024, case=c, time_ms=ms
+        )
+        for c, ms in (("gemm", 2.0), ("ghost", 3.0), ("opacus", 9.0))
+    ]
+    training = [
+        bench("training_step", f"t[{m}]", s, method=m, T=1024)
+        for m, s in (("non-private SDPA", 0.1), ("ours flat", 0.15), ("opacus ghost", 0.6))
+    ]
+    return [
+        write(tmp_path / f"{name}.json", rows)
+        for name, rows in (
+            ("attention", attention),
+            ("dp_kernels", kernels),
+            ("training_step", training),
+        )
+    ]
 
 
 def test_summary_writes_one_file_and_the_ratio_tables(tmp_path):
@@ -43,7 +71,10 @@ def test_summary_writes_one_file_and_the_ratio_tables(tmp_path):
     run = json.loads((tmp_path / "2026-05-01-nvidia-h200.json").read_text())
     assert run["machine"] == MACHINE
     assert {s: len(b) for s, b in run["suites"].items()} == {
-        "attention": 3, "dp_kernels": 3, "training_step": 3}
+        "attention": 3,
+        "dp_kernels": 3,
+        "training_step": 3,
+    }
     text = (tmp_path / "2026-05-01-nvidia-h200.md").read_text()
     # ours 300 TFLOP/s: 0.75 of flash, 0.50 of cuDNN, no efficient-attention result
     assert "| fwd | 128 | 4096 | causal | 300.0 | 0.75 | 0.50 | - |" in text

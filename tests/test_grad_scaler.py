@@ -34,8 +34,9 @@ def example_norms(model, x, y):
     """Each example's true gradient norm (plain fp32 autograd, one example at a time)."""
     norms = []
     for i in range(len(x)):
-        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]),
-                                    list(model.parameters()))  # fmt: skip
+        grads = torch.autograd.grad(
+            F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters())
+        )
         norms.append(torch.sqrt(sum(g.square().sum() for g in grads)))
     return torch.stack(norms)
 
@@ -44,11 +45,15 @@ def private(model, max_grad_norm, *, grad_scaler=None, clipping="flat", lr=0.0, 
     engine = PrivacyEngine(accountant="rdp")
     dataset = TensorDataset(torch.randn(N, 6), torch.randint(0, 3, (N,)))
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-        data_loader=DataLoader(dataset, batch_size=BATCH), noise_multiplier=noise,
-        max_grad_norm=max_grad_norm, clipping=clipping, grad_scaler=grad_scaler,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+        data_loader=DataLoader(dataset, batch_size=BATCH),
+        noise_multiplier=noise,
+        max_grad_norm=max_grad_norm,
+        clipping=clipping,
+        grad_scaler=grad_scaler,
         generator=torch.Generator().manual_seed(1),
-    )  # fmt: skip
+    )
     return engine, model, optimizer, loader
 
 
@@ -75,8 +80,9 @@ def test_scaled_fp16_release_equals_the_unscaled_one(clipping):
     want = plain_release(model, clip, x, y, clipping)
 
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    _, scaled, optimizer, _ = private(copy.deepcopy(model), clip, grad_scaler=scaler,
-                                      clipping=clipping)  # fmt: skip
+    _, scaled, optimizer, _ = private(
+        copy.deepcopy(model), clip, grad_scaler=scaler, clipping=clipping
+    )
     optimizer.zero_grad()
     with torch.autocast("cpu", dtype=torch.float16):
         loss = F.cross_entropy(scaled(x).float(), y)
@@ -112,8 +118,7 @@ def test_one_accounted_step_per_scaler_step():
     scaler.step, the same ε as the same number of steps without a scaler."""
     model = make_model()
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    engine, model, optimizer, loader = private(model, 1.0, grad_scaler=scaler, lr=0.1,
-                                               noise=1.0)  # fmt: skip
+    engine, model, optimizer, loader = private(model, 1.0, grad_scaler=scaler, lr=0.1, noise=1.0)
     for x, y in loader:
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.float16):
@@ -136,8 +141,9 @@ def test_step_the_scaler_skips_is_accounted_once_and_does_not_leak():
     (x1, y1), (x2, y2) = batch(1), batch(2)
     clip = float(example_norms(model, x2, y2).median())  # a wrong scale would show
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    engine, private_model, optimizer, _ = private(copy.deepcopy(model), clip,
-                                                  grad_scaler=scaler, lr=0.1)  # fmt: skip
+    engine, private_model, optimizer, _ = private(
+        copy.deepcopy(model), clip, grad_scaler=scaler, lr=0.1
+    )
     before = [p.detach().clone() for p in private_model.parameters()]
 
     real_check = scaler._check_inf_per_device
@@ -174,8 +180,9 @@ def test_step_not_taken_then_zero_grad_accounts_one_step_of_the_second_batch():
     releases only its own batch."""
     model = make_model()
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    engine, private_model, optimizer, loader = private(copy.deepcopy(model), 0.5,
-                                                       grad_scaler=scaler)  # fmt: skip
+    engine, private_model, optimizer, loader = private(
+        copy.deepcopy(model), 0.5, grad_scaler=scaler
+    )
     batches = iter(loader)
     x1, y1 = next(batches)
     optimizer.zero_grad()

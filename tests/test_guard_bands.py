@@ -21,7 +21,16 @@ import triton
 import triton.language as tl
 
 from dp_attn import functional as F
-from dp_attn.kernels import clipped_sum, flash_attn, per_example_norms, reference, small_layers
+from dp_attn.kernels import clipped_sum, embedding, flash_attn, norm_affine, per_example_norms
+from dp_attn.kernels.clipped_sum import block_clipped_grad_sum_reference, clipped_grad_sum_reference
+from dp_attn.kernels.embedding import embedding_clipped_grad_sum_reference
+from dp_attn.kernels.noise import add_gaussian_noise_reference
+from dp_attn.kernels.norm_affine import (
+    norm_affine_clipped_grad_sum_reference,
+    norm_affine_grad_sq_norms_reference,
+)
+from dp_attn.kernels.per_example_norms import per_example_grad_sq_norms_reference
+from dp_attn.kernels.reference import attention_reference
 
 GUARD = 1 << 15  # elements on each side: more than any block of any kernel reaches
 SENTINEL = 12345.0
@@ -39,8 +48,9 @@ class GuardedTorch:
     def _guarded(self, size, dtype, device, zero):
         shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
         numel = math.prod(shape)
-        buffer = torch.full((2 * GUARD + numel,), SENTINEL, dtype=dtype or torch.float32,
-                            device=device)  # fmt: skip
+        buffer = torch.full(
+            (2 * GUARD + numel,), SENTINEL, dtype=dtype or torch.float32, device=device
+        )
         view = buffer[GUARD : GUARD + numel].view(shape)
         self.buffers.append((buffer, numel))
         return view.zero_() if zero else view
@@ -65,13 +75,15 @@ class GuardedTorch:
 def guarded(monkeypatch):
     """Redirect the allocations of every kernel module; returns the proxy to check."""
     proxy = GuardedTorch()
-    for module in (clipped_sum, per_example_norms, small_layers, flash_attn):
+    for module in (clipped_sum, per_example_norms, norm_affine, embedding, flash_attn):
         monkeypatch.setattr(module, "torch", proxy)
     monkeypatch.setattr(
-        flash_attn, "_bhsd_empty",
-        lambda like, B, H, T, D: proxy.empty(B, T, H, D, dtype=like.dtype, device=like.device)
-        .transpose(1, 2),
-    )  # fmt: skip
+        flash_attn,
+        "_bhsd_empty",
+        lambda like, B, H, T, D: proxy.empty(
+            B, T, H, D, dtype=like.dtype, device=like.device
+        ).transpose(1, 2),
+    )
     return proxy
 
 
@@ -130,46 +142,37 @@ def test_guards_catch_an_unmasked_kernel():
 @pytest.mark.parametrize("method", ["ghost", "instantiate"])
 def test_per_example_norms_mask_every_access(guarded, method):
     a, g = randn(3, 37, 19, seed=1), randn(3, 37, 45, seed=2)
-    got = per_example_norms.per_example_grad_sq_norms(in_nan_buffer(a), in_nan_buffer(g),
-                                                      method=method)  # fmt: skip
+    got = per_example_norms.per_example_grad_sq_norms(
+        in_nan_buffer(a), in_nan_buffer(g), method=method
+    )
     guarded.assert_guards_intact(1)
-    assert_close_to_twin(got, reference.per_example_grad_sq_norms(a, g, method=method))
+    assert_close_to_twin(got, per_example_grad_sq_norms_reference(a, g, method=method))
 
 
 # ---------------------------------------------------------------- clipped sums and noise
 
 
-@pytest.mark.parametrize("secure_mode", [False, True])
-def test_clipped_sums_mask_every_access(guarded, secure_mode):
+def test_clipped_sums_mask_every_access(guarded):
     """Edge tiles in both dimensions (131 x 133 against 128-wide blocks), sequences of 7."""
     a, g = randn(3, 7, 131, seed=3), randn(3, 7, 133, seed=4)
     c = torch.tensor([0.5, 0.0, 1.0])
-    noise = dict(noise_std=0.3, scale=0.5, seed=2**70 + 9, secure_mode=secure_mode)
     inputs = (in_nan_buffer(a), in_nan_buffer(g))
-    got = clipped_sum.clipped_grad_sum(*inputs, in_nan_buffer(c), **noise)
-    assert_close_to_twin(got, reference.clipped_grad_sum(a, g, c, **noise))
-    got = clipped_sum.block_clipped_grad_sum(*inputs, 0.8, **noise)
-    assert_close_to_twin(got, reference.block_clipped_grad_sum(a, g, 0.8, **noise))
+    got = clipped_sum.clipped_grad_sum(*inputs, in_nan_buffer(c), scale=0.5)
+    assert_close_to_twin(got, clipped_grad_sum_reference(a, g, c, scale=0.5))
+    got = clipped_sum.block_clipped_grad_sum(*inputs, 0.8, scale=0.5)
+    assert_close_to_twin(got, block_clipped_grad_sum_reference(a, g, 0.8, scale=0.5))
     guarded.assert_guards_intact(4)
 
 
-def test_noise_kernel_masks_every_access(guarded):
-    """_noise_kernel summing two split partials [2, 37, 133] into a guarded [37, 133]; in place
-    on a caller's view with a sentinel before and after; on a row-strided view."""
-    src = randn(2, 37, 133, seed=5)
-    dst = guarded.empty(37, 133)
-    clipped_sum.finish_with_noise(in_nan_buffer(src), dst, noise_std=0.7, scale=2.0,
-                                  key=2**100 + 3, base=11)  # fmt: skip
-    want = src.sum(0) + reference.released_noise(2**100 + 3, 37, 133, 11, std=0.7)
-    torch.testing.assert_close(dst, 2.0 * want, rtol=1e-5, atol=1e-5)
-    guarded.assert_guards_intact(1)
-
+def test_noise_kernel_masks_every_access():
+    """_noise_kernel in place on a caller's view with a sentinel before and after, and on a
+    row-strided view."""
     caller = torch.full((2 * GUARD + 5 * 39,), SENTINEL)
     x = caller[GUARD : GUARD + 5 * 39].view(5, 39).zero_()
     F.add_gaussian_noise_(x, 1.5, seed=77)
     assert torch.equal(caller[:GUARD], torch.full((GUARD,), SENTINEL))
     assert torch.equal(caller[GUARD + 5 * 39 :], torch.full((GUARD,), SENTINEL))
-    torch.testing.assert_close(x, reference.add_gaussian_noise_(torch.zeros(5, 39), 1.5, seed=77))
+    torch.testing.assert_close(x, add_gaussian_noise_reference(torch.zeros(5, 39), 1.5, seed=77))
 
     wide = torch.full((5, 64), SENTINEL)
     strided = wide[:, 3:42].zero_()
@@ -178,19 +181,19 @@ def test_noise_kernel_masks_every_access(guarded):
     assert (wide[:, :3] == SENTINEL).all() and (wide[:, 42:] == SENTINEL).all()
 
 
-# ---------------------------------------------------------------- small layers
+# ---------------------------------------------------------------- norm affine and embeddings
 
 
 def test_norm_affine_kernels_mask_every_access(guarded):
     x_hat, g = randn(3, 37, 133, seed=6), randn(3, 37, 133, seed=7)
     c = torch.tensor([1.0, 0.25, 0.0])
-    got = small_layers.norm_affine_grad_sq_norms(in_nan_buffer(x_hat), in_nan_buffer(g))
-    assert_close_to_twin(got, reference.norm_affine_grad_sq_norms(x_hat, g))
-    noise = dict(noise_std=0.2, scale=0.5, seed=2**90)
-    got = small_layers.norm_affine_clipped_grad_sum(
-        in_nan_buffer(x_hat), in_nan_buffer(g), in_nan_buffer(c), **noise)
-    assert_close_to_twin(got, reference.norm_affine_clipped_grad_sum(x_hat, g, c, **noise))
-    guarded.assert_guards_intact(3)
+    got = norm_affine.norm_affine_grad_sq_norms(in_nan_buffer(x_hat), in_nan_buffer(g))
+    assert_close_to_twin(got, norm_affine_grad_sq_norms_reference(x_hat, g))
+    got = norm_affine.norm_affine_clipped_grad_sum(
+        in_nan_buffer(x_hat), in_nan_buffer(g), in_nan_buffer(c), scale=0.5
+    )
+    assert_close_to_twin(got, norm_affine_clipped_grad_sum_reference(x_hat, g, c, scale=0.5))
+    guarded.assert_guards_intact(2)  # the norms' partial sums and the clipped sum's
 
 
 def test_embedding_kernel_masks_every_access(guarded):
@@ -199,11 +202,12 @@ def test_embedding_kernel_masks_every_access(guarded):
     ids = torch.randint(0, 11, (3, 37), generator=torch.Generator().manual_seed(8))
     g = randn(3, 37, 133, seed=9)
     c = torch.tensor([0.0, 0.5, 1.0])
-    noise = dict(noise_std=0.2, scale=0.5, seed=2**90, padding_idx=2)
-    got = small_layers.embedding_clipped_grad_sum(
-        in_nan_buffer(ids), in_nan_buffer(g), in_nan_buffer(c), 11, **noise)
-    assert_close_to_twin(got, reference.embedding_clipped_grad_sum(ids, g, c, 11, **noise))
-    guarded.assert_guards_intact(2)  # the scatter's workspace and the result
+    args = dict(scale=0.5, padding_idx=2)
+    got = embedding.embedding_clipped_grad_sum(
+        in_nan_buffer(ids), in_nan_buffer(g), in_nan_buffer(c), 11, **args
+    )
+    assert_close_to_twin(got, embedding_clipped_grad_sum_reference(ids, g, c, 11, **args))
+    guarded.assert_guards_intact(1)  # the scatter's workspace, which is the result
 
 
 # ---------------------------------------------------------------- attention
@@ -229,8 +233,7 @@ def test_flash_attention_masks_every_access(guarded):
     grads = torch.autograd.grad(out, leaves, strided_in_nan(do))
     guarded.assert_guards_intact(6)
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    want = reference.attention_reference(*ref_leaves, causal=True,
-                                         key_lengths=key_lengths.clone())  # fmt: skip
+    want = attention_reference(*ref_leaves, causal=True, key_lengths=key_lengths.clone())
     want_grads = torch.autograd.grad(want, ref_leaves, do)
     assert_close_to_twin(out.detach(), want.detach())
     assert_close_to_twin(tuple(grads), tuple(want_grads))

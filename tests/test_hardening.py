@@ -20,8 +20,8 @@ import triton.language as tl
 from scipy import stats
 
 import dp_attn.functional as DF
-from dp_attn.kernels import clipped_sum, reference, small_layers, utils
-from dp_attn.nn import _LinearPiece
+from dp_attn.kernels import noise
+from dp_attn.nn.pieces import LinearPiece
 from tests.test_engine import flat_grads, linear_model, linear_step, private
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
@@ -37,7 +37,7 @@ KAT_OUTPUT = (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
 
 
 def box_muller_fp64(words):
-    """The two normals of four Philox words by the rule in reference.py, in float64 (an oracle
+    """The two normals of four Philox words by the rule in kernels/noise.py, in float64 (an oracle
     independent of the code under test): radius from (w1·2^32 + w2 + 1/2)/2^64, angle from w3."""
     w1, w2, w3, _ = words
     radius = math.sqrt(-2.0 * math.log((w1 * 2**32 + w2 + 0.5) / 2**64))
@@ -46,17 +46,18 @@ def box_muller_fp64(words):
 
 
 @triton.jit(do_not_specialize=["key", "nonce_lo", "nonce_hi"])
-def _philox_kernel(words_ptr, normals_ptr, counters_ptr, N, key, nonce_lo, nonce_hi,
-                   BLOCK: tl.constexpr):
+def _philox_kernel(
+    words_ptr, normals_ptr, counters_ptr, N, key, nonce_lo, nonce_hi, BLOCK: tl.constexpr
+):
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     counters = tl.load(counters_ptr + offs, mask=mask, other=0)
-    w1, w2, w3, w4 = clipped_sum.philox_words(key, nonce_lo, nonce_hi, counters)
+    w1, w2, w3, w4 = noise.philox_words(key, nonce_lo, nonce_hi, counters)
     tl.store(words_ptr + offs, w1.to(tl.int32, bitcast=True), mask=mask)
     tl.store(words_ptr + N + offs, w2.to(tl.int32, bitcast=True), mask=mask)
     tl.store(words_ptr + 2 * N + offs, w3.to(tl.int32, bitcast=True), mask=mask)
     tl.store(words_ptr + 3 * N + offs, w4.to(tl.int32, bitcast=True), mask=mask)
-    z1, z2 = clipped_sum.gaussian2x(key, nonce_lo, nonce_hi, counters)
+    z1, z2 = noise.gaussian2x(key, nonce_lo, nonce_hi, counters)
     tl.store(normals_ptr + offs, z1, mask=mask)
     tl.store(normals_ptr + N + offs, z2, mask=mask)
 
@@ -66,9 +67,14 @@ def kernel_philox(key: int, counters: torch.Tensor) -> tuple[torch.Tensor, torch
     128-bit key: philox_words and gaussian2x."""
     words = torch.empty(4, counters.numel(), dtype=torch.int32)
     normals = torch.empty(2, counters.numel(), dtype=torch.float32)
-    _philox_kernel[(1,)](words, normals, counters, counters.numel(),
-                         *clipped_sum.noise_args(key, 1.0, False)[:3],
-                         BLOCK=triton.next_power_of_2(counters.numel()))  # fmt: skip
+    _philox_kernel[(1,)](
+        words,
+        normals,
+        counters,
+        counters.numel(),
+        *noise.noise_args(key, 1.0, False)[:3],
+        BLOCK=triton.next_power_of_2(counters.numel()),
+    )
     return words.long() & 0xFFFFFFFF, normals
 
 
@@ -85,11 +91,11 @@ def test_key_words_reach_philox_known_answer():
     counter = (c1 << 32) | c0  # >= 2^63: the int64 with its bit pattern
     counters = torch.tensor([counter - 2**64 if counter >= 2**63 else counter])
     kernel_words, kernel_normals = kernel_philox(key, counters)
-    twin_words = torch.stack(reference.philox4x32(key, counters))
+    twin_words = torch.stack(noise.philox4x32(key, counters))
     assert twin_words.flatten().tolist() == list(KAT_OUTPUT)
     assert kernel_words.flatten().tolist() == list(KAT_OUTPUT)
     want = box_muller_fp64(KAT_OUTPUT)
-    twin = torch.stack(reference.philox_normals(key, counters)).flatten().double()
+    twin = torch.stack(noise.philox_normals(key, counters)).flatten().double()
     torch.testing.assert_close(twin, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kernel_normals.flatten().double(), want, rtol=1e-5, atol=1e-5)
 
@@ -102,10 +108,12 @@ def test_every_key_bit_changes_the_noise(secure_mode):
     draws = {}
     for bit in (None, 0, 63, 64, 95, 96, 127):
         seed = key if bit is None else key ^ (1 << bit)
-        kernel = clipped_sum.add_gaussian_noise_(
-            torch.zeros(3, 50), 1.0, seed=seed, secure_mode=secure_mode)
-        twin = reference.add_gaussian_noise_(
-            torch.zeros(3, 50), 1.0, seed=seed, secure_mode=secure_mode)
+        kernel = noise.add_gaussian_noise_(
+            torch.zeros(3, 50), 1.0, seed=seed, secure_mode=secure_mode
+        )
+        twin = noise.add_gaussian_noise_reference(
+            torch.zeros(3, 50), 1.0, seed=seed, secure_mode=secure_mode
+        )
         tol = 0.0 if secure_mode else 1e-5
         torch.testing.assert_close(kernel, twin, rtol=tol, atol=tol)
         draws[bit] = kernel
@@ -121,8 +129,8 @@ def test_large_counters_and_key_agree_between_kernel_and_twin():
     counters = torch.randint(0, 2**62, (200,), generator=gen, dtype=torch.int64)
     for key in (3, 2**64 - 1, 2**64, 2**128 - 1, 0x5DEECE66_0000FFFF_12345678_9ABCDEF0):
         words, normals = kernel_philox(key, counters)
-        assert torch.equal(words, torch.stack(reference.philox4x32(key, counters)))
-        twin = torch.stack(reference.philox_normals(key, counters))
+        assert torch.equal(words, torch.stack(noise.philox4x32(key, counters)))
+        twin = torch.stack(noise.philox_normals(key, counters))
         torch.testing.assert_close(normals, twin, rtol=1e-5, atol=1e-5)
 
 
@@ -133,11 +141,11 @@ def test_seed_none_takes_128_fresh_bits(monkeypatch):
         asked.append(k)
         return (1 << 127) | 12345
 
-    monkeypatch.setattr(utils.secrets, "randbits", randbits)
-    assert utils.noise_key(None) == (1 << 127) | 12345 and asked == [128]
+    monkeypatch.setattr(noise.secrets, "randbits", randbits)
+    assert noise.noise_key(None) == (1 << 127) | 12345 and asked == [128]
     for bad in (-1, 2**128, 1.5, True, "7"):
         with pytest.raises(ValueError, match="seed"):
-            utils.noise_key(bad)
+            noise.noise_key(bad)
 
 
 # ---------------------------------------------------------------- secure_mode
@@ -146,25 +154,12 @@ def test_seed_none_takes_128_fresh_bits(monkeypatch):
 def noised_calls(seed, secure_mode=True):
     """(name, kernel result, twin result) of every noised function."""
     gen = torch.Generator().manual_seed(11)
-    a, g = torch.randn(3, 5, 37, generator=gen), torch.randn(3, 5, 21, generator=gen)
-    c = torch.rand(3, generator=gen)
-    x_hat, g_n = torch.randn(3, 4, 19, generator=gen), torch.randn(3, 4, 19, generator=gen)
-    ids = torch.randint(0, 9, (3, 4), generator=gen)
-    noise = dict(noise_std=0.7, scale=1.0, seed=seed, secure_mode=secure_mode)
+    a = torch.randn(3, 5, 37, generator=gen)
     return [
-        ("clipped_grad_sum", clipped_sum.clipped_grad_sum(a, g, c, **noise),
-         reference.clipped_grad_sum(a, g, c, **noise)),
-        ("block_clipped_grad_sum", clipped_sum.block_clipped_grad_sum(a, g, 0.3, **noise),
-         reference.block_clipped_grad_sum(a, g, 0.3, **noise)),
-        ("norm_affine_clipped_grad_sum",
-         small_layers.norm_affine_clipped_grad_sum(x_hat, g_n, c, **noise),
-         reference.norm_affine_clipped_grad_sum(x_hat, g_n, c, **noise)),
-        ("embedding_clipped_grad_sum",
-         (small_layers.embedding_clipped_grad_sum(ids, g_n, c, 9, padding_idx=2, **noise),),
-         (reference.embedding_clipped_grad_sum(ids, g_n, c, 9, padding_idx=2, **noise),)),
         ("add_gaussian_noise_",
-         (clipped_sum.add_gaussian_noise_(a.clone(), 0.7, seed=seed, secure_mode=secure_mode),),
-         (reference.add_gaussian_noise_(a.clone(), 0.7, seed=seed, secure_mode=secure_mode),)),
+         (noise.add_gaussian_noise_(a.clone(), 0.7, seed=seed, secure_mode=secure_mode),),
+         (noise.add_gaussian_noise_reference(a.clone(), 0.7, seed=seed,
+                                             secure_mode=secure_mode),)),
     ]  # fmt: skip
 
 
@@ -172,7 +167,7 @@ def test_secure_mode_kernels_equal_twins_bit_exact_on_the_grid():
     """Every noised kernel in secure_mode equals its twin bit for bit (rounding to the grid
     absorbs the float differences of summation order), and every value lies on the grid
     secure_noise_grid(0.7) = 0.25."""
-    grid = reference.secure_noise_grid(0.7)
+    grid = noise.secure_noise_grid(0.7)
     assert grid == 0.25
     for name, kernel, twin in noised_calls(seed=2**100 + 77):
         for got, want in zip(kernel, twin, strict=True):
@@ -186,13 +181,13 @@ def test_default_mode_kernels_equal_twins():
     for name, kernel, twin in noised_calls(seed=2**100 + 77, secure_mode=False):
         for got, want in zip(kernel, twin, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
-            assert torch.remainder(got, reference.secure_noise_grid(0.7)).any(), name
+            assert torch.remainder(got, noise.secure_noise_grid(0.7)).any(), name
 
 
 def test_secure_noise_grid_bounds():
     """grid is a power of two in (std/4, std/2], clamped to fp32's normal exponents."""
     for std in (1e-30, 3e-7, 0.37, 1.0, 1.5, 2.0, 1e6, 1e30):
-        grid = reference.secure_noise_grid(std)
+        grid = noise.secure_noise_grid(std)
         assert math.frexp(grid)[0] == 0.5
         lo, hi = max(std / 4, 2.0**-126), min(std / 2, 2.0**126)
         assert lo < grid <= hi or grid == 2.0**-126, (std, grid)
@@ -210,20 +205,25 @@ def test_secure_noise_has_the_stated_distribution(std):
     noise has std `std`; after it the kernel's values fit the rounded normal (chi-square over
     the grid cells, tails pooled) and their variance is in [std², std²·(1 + 1/48)]."""
     n = 100_000
-    raw = reference.released_noise(2**90 + 1, 1, n, std=std).double()
+    raw = noise.released_noise(2**90 + 1, 1, n, std=std).double()
     assert abs(raw.square().mean().item() / std**2 - 1) < SIGMAS * math.sqrt(2 / n)
-    released = clipped_sum.add_gaussian_noise_(
-        torch.zeros(n), std, seed=2**90 + 1, secure_mode=True).double()
-    grid = reference.secure_noise_grid(std)
+    released = noise.add_gaussian_noise_(
+        torch.zeros(n), std, seed=2**90 + 1, secure_mode=True
+    ).double()
+    grid = noise.secure_noise_grid(std)
     cells = torch.round(released / grid).long()
     assert torch.equal(cells.double() * grid, released)
     reach = int(4 * std / grid)  # cells beyond ±4 std are pooled into the two tails
     inner = torch.arange(-reach, reach + 1)
     p_inner = rounded_normal_probabilities(std, grid, inner)
     p_tail = (1 - p_inner.sum()) / 2
-    observed = torch.cat([
-        (cells < -reach).sum()[None], (cells[:, None] == inner).sum(0), (cells > reach).sum()[None]
-    ]).double()  # fmt: skip
+    observed = torch.cat(
+        [
+            (cells < -reach).sum()[None],
+            (cells[:, None] == inner).sum(0),
+            (cells > reach).sum()[None],
+        ]
+    ).double()
     expected = torch.cat([p_tail[None], p_inner, p_tail[None]]) * n
     _, p_value = stats.chisquare(observed.numpy(), expected.numpy())
     assert p_value > P_ALARM, p_value
@@ -238,18 +238,19 @@ def test_engine_secure_mode(secure_mode):
     """PrivacyEngine(..., secure_mode=True) releases (sum + noise) rounded to the grid of
     z·C, divided by q·N (4: exact), with the stated std; secure_mode=False does not round."""
     z, clip = 1.3, 0.8
-    engine, model, opt, _ = private(linear_model(), noise_multiplier=z, max_grad_norm=clip,
-                                    secure_mode=secure_mode)  # fmt: skip
+    engine, model, opt, _ = private(
+        linear_model(), noise_multiplier=z, max_grad_norm=clip, secure_mode=secure_mode
+    )
     assert engine.state_dict()["settings"]["secure_mode"] is secure_mode
     linear_step(model, opt, torch.randn(3, 2, 48))
     released = flat_grads(model).double() * 4  # q·N = 4
-    on_grid = torch.remainder(released, reference.secure_noise_grid(z * clip)) == 0
+    on_grid = torch.remainder(released, noise.secure_noise_grid(z * clip)) == 0
     assert bool(on_grid.all()) is secure_mode
     noise_only = flat_grads(_empty_step(secure_mode, z, clip)).double() * 4
     n, std = noise_only.numel(), z * clip
     want_var = std**2
     if secure_mode:
-        grid = reference.secure_noise_grid(std)
+        grid = noise.secure_noise_grid(std)
         cells = torch.arange(-int(8 * std / grid), int(8 * std / grid) + 1)
         want_var = (rounded_normal_probabilities(std, grid, cells) * (cells * grid) ** 2).sum()
     var = noise_only.square().mean().item()
@@ -257,8 +258,9 @@ def test_engine_secure_mode(secure_mode):
 
 
 def _empty_step(secure_mode, z, clip):
-    _, model, opt, _ = private(linear_model(), noise_multiplier=z, max_grad_norm=clip,
-                               secure_mode=secure_mode)  # fmt: skip
+    _, model, opt, _ = private(
+        linear_model(), noise_multiplier=z, max_grad_norm=clip, secure_mode=secure_mode
+    )
     linear_step(model, opt, torch.randn(0, 2, 48))
     return model
 
@@ -292,8 +294,8 @@ def test_noise_key_is_not_kept_saved_or_logged(monkeypatch, caplog):
     JSON or pickle), the model or optimizer checkpoints, the logs, or any attribute of the
     engine, optimizer or clipper after the step."""
     key = 0x8F1E2D3C4B5A69788796A5B4C3D2E1F0
-    real = utils.secrets.randbits
-    monkeypatch.setattr(utils.secrets, "randbits", lambda k: key if k == 128 else real(k))
+    real = noise.secrets.randbits
+    monkeypatch.setattr(noise.secrets, "randbits", lambda k: key if k == 128 else real(k))
     caplog.set_level(logging.DEBUG)
     engine, model, opt, _ = private(linear_model(), noise_multiplier=1.0, lr=0.1)
     linear_step(model, opt, torch.randn(2, 2, 48))
@@ -385,14 +387,14 @@ def test_out_of_memory_in_backward_points_to_micro_batching(monkeypatch, style):
     micro-batching; after optimizer.zero_grad() training continues."""
     _, model, opt, _ = private(linear_model(), style, noise_multiplier=1.0)
     method = "block_sums" if style == "block" else "clipped_sums"
-    original = getattr(_LinearPiece, method)
+    original = getattr(LinearPiece, method)
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    monkeypatch.setattr(_LinearPiece, method, out_of_memory)
+    monkeypatch.setattr(LinearPiece, method, out_of_memory)
     with pytest.raises(torch.OutOfMemoryError, match=r"(?s)batch of 5 examples.*micro-batches"):
         linear_step(model, opt, torch.randn(5, 2, 48))
-    monkeypatch.setattr(_LinearPiece, method, original)
+    monkeypatch.setattr(LinearPiece, method, original)
     linear_step(model, opt, torch.randn(5, 2, 48))
     assert torch.isfinite(flat_grads(model)).all()

@@ -12,7 +12,7 @@ from torch import nn
 
 import dp_attn.functional as DF
 from dp_attn.engine import PrivacyEngine
-from dp_attn.kernels.reference import BLOCK_CLIP_TILE
+from dp_attn.functional import BLOCK_CLIP_TILE
 from dp_attn.nn import DPMultiheadAttention
 from tests.test_engine import BATCH, close, loader_of, train_step
 from tests.tiny_models import clipped_sums, make_batch, make_model, per_example_grads
@@ -37,8 +37,11 @@ def test_release_equals_oracle(head_dim, path, monkeypatch):
 
     engine = PrivacyEngine()
     model, optimizer, _ = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        data_loader=loader_of(), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=loader_of(),
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
         clipping="flat",
     )
     attention = [m for m in model.modules() if isinstance(m, DPMultiheadAttention)]
@@ -50,5 +53,6 @@ def test_release_equals_oracle(head_dim, path, monkeypatch):
     for name, p in model.named_parameters():
         close(p.grad, want[name] / BATCH, msg=name)
     unclipped = {n: g.sum(0) / BATCH for n, g in per_example.items()}
-    assert any((p.grad.double() - unclipped[n]).abs().max() > 1e-3
-               for n, p in model.named_parameters())  # fmt: skip
+    assert any(
+        (p.grad.double() - unclipped[n]).abs().max() > 1e-3 for n, p in model.named_parameters()
+    )

@@ -22,10 +22,22 @@ def test_hf_fine_tuning_example_trains_to_its_epsilon_and_generates():
     # The reference path (TRITON_INTERPRET=0 on CPU), as a user without a GPU runs it.
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
-        [sys.executable, "examples/hf_fine_tuning.py", "--epochs", "1", "--epsilon", "4",
-         "--examples", "128"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "examples/hf_fine_tuning.py",
+            "--epochs",
+            "1",
+            "--epsilon",
+            "4",
+            "--examples",
+            "128",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     for label in ("full fine-tuning", "DP-LoRA"):
         losses = [float(x) for x in re.findall(rf"{label} epoch 1: loss (\d+\.\d+)", done.stdout)]

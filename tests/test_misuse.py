@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 import dp_attn.functional as DF
 from dp_attn.engine import PoissonDataLoader, PrivacyEngine
-from dp_attn.nn import _LinearPiece
+from dp_attn.nn.pieces import LinearPiece
 from tests.test_engine import flat_grads, linear_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
@@ -35,9 +35,12 @@ def private(n=8, batch_size=4, clipping="flat", model=None, seed=0, noise_multip
     engine = PrivacyEngine()
     model = linear_model() if model is None else model
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
         data_loader=DataLoader(dataset(n), batch_size=batch_size),
-        noise_multiplier=noise_multiplier, max_grad_norm=C, clipping=clipping,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=C,
+        clipping=clipping,
         generator=torch.Generator().manual_seed(seed),
     )
     return engine, model, optimizer, loader
@@ -181,8 +184,11 @@ def test_loader_with_a_custom_sampler_is_refused():
 def private_with(data_loader):
     model = linear_model()
     return PrivacyEngine().make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        data_loader=data_loader, noise_multiplier=1.0, max_grad_norm=C,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=data_loader,
+        noise_multiplier=1.0,
+        max_grad_norm=C,
     )
 
 
@@ -195,7 +201,7 @@ def test_failure_after_some_layers_were_summed_poisons_the_step(monkeypatch):
     retry without zero_grad released them twice. Before: 1.5·C for one example."""
     engine, model, opt, loader = private(seed=5)
     x = next_batch(stream(loader), size=1)
-    original, calls = _LinearPiece.clipped_sums, []
+    original, calls = LinearPiece.clipped_sums, []
 
     def fails_second(self, factors):
         calls.append(1)
@@ -203,11 +209,11 @@ def test_failure_after_some_layers_were_summed_poisons_the_step(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return original(self, factors)
 
-    monkeypatch.setattr(_LinearPiece, "clipped_sums", fails_second)
+    monkeypatch.setattr(LinearPiece, "clipped_sums", fails_second)
     opt.zero_grad()
     with pytest.raises(torch.OutOfMemoryError, match="micro-batches"):
         backward(model, x)
-    monkeypatch.setattr(_LinearPiece, "clipped_sums", original)
+    monkeypatch.setattr(LinearPiece, "clipped_sums", original)
     with pytest.raises(RuntimeError, match=r"backward\(\) refused: the end of a backward pass"):
         backward(model, x)  # the retry, without zero_grad
     with pytest.raises(RuntimeError, match=r"step\(\) refused: the end of a backward pass raised"):

@@ -20,13 +20,18 @@ def released(model, style, autocast_dtype=None, max_grad_norm=0.05, device="cpu"
     engine = PrivacyEngine()
     loader = DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=4)
     model, optimizer, _ = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=max_grad_norm, clipping=style,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        clipping=style,
     )
     ids, targets, mask = (t.to(device) for t in make_batch(batch=4, padded=True))
     optimizer.zero_grad()
-    with torch.autocast(device, dtype=autocast_dtype or torch.bfloat16,
-                        enabled=autocast_dtype is not None):  # fmt: skip
+    with torch.autocast(
+        device, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+    ):
         logits = model(ids, mask)
     example_losses(logits.float(), targets).mean().backward()
     optimizer.step()
@@ -64,7 +69,9 @@ def test_float64_model_is_refused_naming_module_and_dtype():
     engine = PrivacyEngine()
     with pytest.raises(TypeError, match=r"0.*float64"):
         engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             data_loader=DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=2),
-            noise_multiplier=1.0, max_grad_norm=1.0,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
         )

@@ -20,6 +20,8 @@ DP_LAYERS = (DPLinear, DPLayerNorm, DPRMSNorm, DPEmbedding, DPMultiheadAttention
 class Recorder:
     """Stands in for the engine: keeps what DP layers hand over in backward."""
 
+    forward_token_shape = None
+
     def __init__(self):
         self.calls = []
 
@@ -31,7 +33,7 @@ def attach(module) -> Recorder:
     recorder = Recorder()
     for m in module.modules():
         if isinstance(m, DP_LAYERS):
-            m._dp_controller = recorder
+            m.dp_clipper = recorder
     return recorder
 
 
@@ -87,11 +89,14 @@ LAYER_CASES = {
     "linear-4d": (lambda: nn.Linear(D, 24, bias=False), DPLinear, lambda: torch.randn(B, 2, 3, D)),
     "layernorm": (lambda: nn.LayerNorm(D), DPLayerNorm, lambda: torch.randn(B, T, D) * 2 + 1),
     "layernorm-2d-shape": (
-        lambda: nn.LayerNorm((4, 8)), DPLayerNorm, lambda: torch.randn(B, T, 4, 8)
+        lambda: nn.LayerNorm((4, 8)),
+        DPLayerNorm,
+        lambda: torch.randn(B, T, 4, 8),
     ),
     "rmsnorm": (lambda: nn.RMSNorm(D), DPRMSNorm, lambda: torch.randn(B, T, D) * 2 + 1),
     "embedding": (
-        lambda: nn.Embedding(7, D, padding_idx=2), DPEmbedding,
+        lambda: nn.Embedding(7, D, padding_idx=2),
+        DPEmbedding,
         lambda: torch.randint(0, 7, (B, T)),
     ),
 }
@@ -132,7 +137,7 @@ def test_private_layer_backward(case):
 
     per_example = oracle_per_example(ref, weighted_loss, x)
     oracle_sq = sum(g.flatten(1).square().sum(1) for g in per_example.values())
-    (_, pieces), = recorder.calls
+    ((_, pieces),) = recorder.calls
     sq = sum(piece.sq_norms() for piece in pieces)
     close(sq, oracle_sq)
 
@@ -152,7 +157,7 @@ def test_private_layer_partly_frozen_bias_only():
     x = torch.randn(B, T, D)
     weighted_loss(dp(x)).backward()
     per_example = oracle_per_example(ref, weighted_loss, x)["bias"]
-    (_, (piece,)), = recorder.calls
+    ((_, (piece,)),) = recorder.calls
     close(piece.sq_norms(), per_example.square().sum(1))
     sums = summed_grads(recorder, torch.ones(B))
     assert list(sums) == [dp.bias]
@@ -306,6 +311,6 @@ def test_private_bf16_linear_runs():
     x = torch.randn(B, T, D, dtype=torch.bfloat16, requires_grad=True)
     F.gelu(lin(x)).float().sum().backward()
     assert x.grad.dtype == torch.bfloat16
-    (_, (piece,)), = recorder.calls
+    ((_, (piece,)),) = recorder.calls
     sums = summed_grads(recorder, torch.ones(B))
     assert piece.sq_norms().dtype == torch.float32 and sums[lin.weight].dtype == torch.float32

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from scipy import stats
 
-from dp_attn.kernels import clipped_sum, reference
+from dp_attn.kernels import noise
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
@@ -33,7 +33,7 @@ def _box_muller_kernel(words_ptr, out_ptr, N, BLOCK: tl.constexpr):
     w1 = tl.load(words_ptr + offs, mask=mask, other=0).to(tl.uint32)
     w2 = tl.load(words_ptr + N + offs, mask=mask, other=0).to(tl.uint32)
     w3 = tl.load(words_ptr + 2 * N + offs, mask=mask, other=0).to(tl.uint32)
-    z1, z2 = clipped_sum.box_muller(w1, w2, w3)
+    z1, z2 = noise.box_muller(w1, w2, w3)
     tl.store(out_ptr + offs, z1, mask=mask)
     tl.store(out_ptr + N + offs, z2, mask=mask)
 
@@ -41,13 +41,14 @@ def _box_muller_kernel(words_ptr, out_ptr, N, BLOCK: tl.constexpr):
 def kernel_box_muller(words: torch.Tensor) -> torch.Tensor:
     """[2, N] normals of the kernels' box_muller for Philox words [3, N] (uint32 in int64)."""
     out = torch.empty(2, words.shape[1], dtype=torch.float32)
-    _box_muller_kernel[(1,)](words.contiguous(), out, words.shape[1],
-                             BLOCK=triton.next_power_of_2(words.shape[1]))  # fmt: skip
+    _box_muller_kernel[(1,)](
+        words.contiguous(), out, words.shape[1], BLOCK=triton.next_power_of_2(words.shape[1])
+    )
     return out
 
 
 def twin_box_muller(words: torch.Tensor) -> torch.Tensor:
-    return torch.stack(reference.box_muller(*words))
+    return torch.stack(noise.box_muller_reference(*words))
 
 
 def radius_words(m: torch.Tensor) -> torch.Tensor:
@@ -71,8 +72,9 @@ def test_smallest_uniform_gives_a_finite_radius_past_nine_sigma():
         assert (z.abs().amax(0) >= 9.0).all()
         radius = sampler(largest).double().norm()
         assert 3e-4 < radius < 4e-4  # sqrt(-2 ln(1 - 2^-24)) = 3.45e-4
-    torch.testing.assert_close(kernel_box_muller(smallest), twin_box_muller(smallest),
-                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        kernel_box_muller(smallest), twin_box_muller(smallest), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_radius_tail_is_the_rayleigh_tail_out_to_9_42():
@@ -103,7 +105,7 @@ def test_released_noise_is_normal_with_the_stated_std():
     radius) are independent: the mean of (z1² - 1)(z2² - 1) (variance 4 per pair) within 5
     sigma of 0."""
     n, std = 100_000, 1.7
-    z = clipped_sum.add_gaussian_noise_(torch.zeros(n), std, seed=2**77 + 9).double() / std
+    z = noise.add_gaussian_noise_(torch.zeros(n), std, seed=2**77 + 9).double() / std
     _, p_value = stats.kstest(z.numpy(), "norm")
     assert p_value > P_ALARM, p_value
     assert abs(z.mean().item()) < SIGMAS / math.sqrt(n)
@@ -117,7 +119,7 @@ def test_frequency_beyond_four_sigma_is_the_gaussians():
     normals to the kernels') is within the Poisson bounds of 2·Φ(-4)·n = 126.7 at a two-sided
     false alarm of 1e-6; so is |z| > 3 (5,399.6)."""
     n = 2_000_000
-    z = reference.released_noise(2**101 + 5, 1, n, std=1.0)[0].double()
+    z = noise.released_noise(2**101 + 5, 1, n, std=1.0)[0].double()
     for t in (3.0, 4.0):
         expected = 2 * stats.norm.sf(t) * n
         count = int((z.abs() > t).sum())
@@ -130,7 +132,7 @@ def test_secure_mode_draws_the_same_normals_and_only_rounds():
     """secure_mode's release is the default release rounded to secure_noise_grid(σ), bit for
     bit (same counters, lanes and normals): kernel and twin."""
     x = torch.randn(7, 45, generator=torch.Generator().manual_seed(3))
-    for impl in (clipped_sum, reference):
-        plain = impl.add_gaussian_noise_(x.clone(), 0.9, seed=2**99 + 1)
-        secure = impl.add_gaussian_noise_(x.clone(), 0.9, seed=2**99 + 1, secure_mode=True)
-        assert torch.equal(secure, reference.snap_to_grid(plain, reference.secure_noise_grid(0.9)))
+    for add_noise in (noise.add_gaussian_noise_, noise.add_gaussian_noise_reference):
+        plain = add_noise(x.clone(), 0.9, seed=2**99 + 1)
+        secure = add_noise(x.clone(), 0.9, seed=2**99 + 1, secure_mode=True)
+        assert torch.equal(secure, noise.snap_to_grid(plain, noise.secure_noise_grid(0.9)))

@@ -44,10 +44,13 @@ def test_release_is_the_sum_over_the_expected_batch_size(reduction):
     engine = PrivacyEngine()
     dataset = TensorDataset(torch.zeros(1000, 8))
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        data_loader=DataLoader(dataset, batch_size=64), noise_multiplier=0.0,
-        max_grad_norm=1e6, loss_reduction=reduction,
-    )  # fmt: skip
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(dataset, batch_size=64),
+        noise_multiplier=0.0,
+        max_grad_norm=1e6,
+        loss_reduction=reduction,
+    )
     assert loader.sample_rate == pytest.approx(0.064)
     assert engine.state_dict()["settings"]["expected_batch_size"] == pytest.approx(64.0)
     optimizer.zero_grad()
@@ -70,9 +73,11 @@ def make_private(engine=None, model=None, **kwargs):
     model = model or tiny()
     kwargs = {"noise_multiplier": 0.0, "max_grad_norm": 1.0, **kwargs}
     out = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        data_loader=DataLoader(TensorDataset(torch.zeros(16, 8)), batch_size=4), **kwargs,
-    )  # fmt: skip
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(TensorDataset(torch.zeros(16, 8)), batch_size=4),
+        **kwargs,
+    )
     return engine, out
 
 
@@ -105,7 +110,7 @@ def test_per_layer_spelling_and_per_parameter_list():
     C_tot = sqrt(Σ C_p²), Opacus' noise scale."""
     per_parameter = [3.0, 4.0, 1.0, 2.0, 0.5, 0.5]  # 0.weight, 0.bias, 1.weight, ...
     engine, _ = make_private(clipping="per_layer", max_grad_norm=per_parameter)
-    layer_thresholds = list(engine._clipper.thresholds.values())  # 0, 1 and 3, in order
+    layer_thresholds = list(engine._clipper.layer_thresholds.values())  # 0, 1 and 3, in order
     assert layer_thresholds == pytest.approx([5.0, math.sqrt(5.0), math.sqrt(0.5)])
     assert engine._total_threshold == pytest.approx(math.sqrt(sum(c * c for c in per_parameter)))
     assert engine.state_dict()["settings"]["clipping"] == "per-layer"
@@ -118,7 +123,8 @@ def test_per_parameter_list_clips_each_layer_to_its_combined_threshold():
     x, y = torch.randn(1, 8) * 10, torch.tensor([1])
     per_parameter = [0.03, 0.04, 0.3, 0.4]  # layer thresholds 0.05 and 0.5
     _, (model, optimizer, _) = make_private(
-        model=model, clipping="per_layer", max_grad_norm=per_parameter)
+        model=model, clipping="per_layer", max_grad_norm=per_parameter
+    )
     optimizer.zero_grad()
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
@@ -138,10 +144,13 @@ def test_per_parameter_list_must_follow_the_optimizer_order():
     engine = PrivacyEngine()
     with pytest.raises(ValueError, match=r"another order.*mapping"):
         engine.make_private(
-            module=model, optimizer=torch.optim.SGD(params[::-1], lr=0.0),
+            module=model,
+            optimizer=torch.optim.SGD(params[::-1], lr=0.0),
             data_loader=DataLoader(TensorDataset(torch.zeros(16, 8)), batch_size=4),
-            noise_multiplier=0.0, max_grad_norm=[1.0] * 6, clipping="per_layer",
-        )  # fmt: skip
+            noise_multiplier=0.0,
+            max_grad_norm=[1.0] * 6,
+            clipping="per_layer",
+        )
     assert type(model[0]) is nn.Linear  # left as it was
 
 
@@ -152,34 +161,44 @@ def test_per_parameter_list_is_for_per_layer_clipping():
 
 @pytest.mark.parametrize(
     ("argument", "match"),
-    [({"batch_first": False}, "batch_first=False.*dim 0"),
-     ({"poisson_sampling": False}, "poisson_sampling=False.*accountant"),
-     ({"grad_sample_mode": "no_op"}, "no_op.*p.grad_sample"),
-     ({"grad_sample_mode": "vmap"}, "grad_sample_mode must be one of"),
-     ({"noise_generator": torch.Generator()}, "noise_generator.*CSPRNG")],
-)  # fmt: skip
+    [
+        ({"batch_first": False}, "batch_first=False.*dim 0"),
+        ({"poisson_sampling": False}, "poisson_sampling=False.*accountant"),
+        ({"grad_sample_mode": "no_op"}, "no_op.*p.grad_sample"),
+        ({"grad_sample_mode": "vmap"}, "grad_sample_mode must be one of"),
+        ({"noise_generator": torch.Generator()}, "noise_generator.*CSPRNG"),
+    ],
+)
 def test_what_cannot_hold_is_refused_saying_why(argument, match):
     with pytest.raises(ValueError, match=match):
         make_private(**argument)
     with pytest.raises(ValueError, match=match):
         PrivacyEngine().make_private_with_epsilon(
-            module=tiny(), optimizer=torch.optim.SGD(tiny().parameters(), lr=0.0),
+            module=tiny(),
+            optimizer=torch.optim.SGD(tiny().parameters(), lr=0.0),
             data_loader=DataLoader(TensorDataset(torch.zeros(16, 8)), batch_size=4),
-            target_epsilon=1.0, target_delta=1e-5, epochs=1, max_grad_norm=1.0, **argument,
-        )  # fmt: skip
+            target_epsilon=1.0,
+            target_delta=1e-5,
+            epochs=1,
+            max_grad_norm=1.0,
+            **argument,
+        )
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
 def test_grad_sample_modes_are_accepted(mode):
-    _, out = make_private(grad_sample_mode=mode, batch_first=True, poisson_sampling=True,
-                          criterion=nn.CrossEntropyLoss())  # fmt: skip
+    _, out = make_private(
+        grad_sample_mode=mode,
+        batch_first=True,
+        poisson_sampling=True,
+        criterion=nn.CrossEntropyLoss(),
+    )
     assert len(out) == 3
 
 
 def test_ghost_mode_returns_the_criterion_as_opacus_does():
     criterion = nn.CrossEntropyLoss()
-    _, (model, optimizer, returned, _) = make_private(grad_sample_mode="ghost",
-                                                      criterion=criterion)  # fmt: skip
+    _, (model, optimizer, returned, _) = make_private(grad_sample_mode="ghost", criterion=criterion)
     assert returned is criterion
     optimizer.zero_grad()
     returned(model(torch.randn(4, 8)), torch.randint(0, 3, (4,))).backward()

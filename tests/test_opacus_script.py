@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-SCRIPT = '''
+SCRIPT = """
 import numpy as np
 import torch
 import torch.nn as nn
@@ -97,7 +97,7 @@ for epoch in range(1, EPOCHS + 1):
 accuracy = test(model, test_loader)
 print(f"Test accuracy: {accuracy:.3f}")
 final_epsilon = privacy_engine.get_epsilon(DELTA)
-'''
+"""
 
 OPACUS_IMPORT = "from opacus import PrivacyEngine"
 

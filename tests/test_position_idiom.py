@@ -59,8 +59,11 @@ def test_broadcast_positions_get_per_example_gradients(length):
     loader = DataLoader(TensorDataset(torch.zeros(2 * BATCH, 1)), batch_size=BATCH)
     private = copy.deepcopy(model)
     private, optimizer, _ = engine.make_private(
-        module=private, optimizer=torch.optim.SGD(private.parameters(), lr=0.0),
-        data_loader=loader, noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+        module=private,
+        optimizer=torch.optim.SGD(private.parameters(), lr=0.0),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
     )
     optimizer.zero_grad()
     loss_of(private, ids, targets).backward()
@@ -77,8 +80,11 @@ def test_unplaceable_one_dimensional_ids_are_refused_at_the_forward():
     engine = PrivacyEngine()
     loader = DataLoader(TensorDataset(torch.zeros(2 * BATCH, 1)), batch_size=BATCH)
     model, _, _ = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=1.0,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
     )
     model.wte(torch.zeros(BATCH, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"DPEmbedding got 1-D ids of length 3.*expand"):

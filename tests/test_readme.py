@@ -22,8 +22,14 @@ def test_python_example_trains_to_the_target_epsilon():
     # The reference path (TRITON_INTERPRET=0 on CPU): the interpreter would take minutes here,
     # and the kernels are compared with it in tests/kernels.
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", example], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", example],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     epsilons = [float(e) for e in re.findall(r"ε = ([0-9.]+)", done.stdout)]
     assert len(epsilons) == 2 and epsilons[0] < epsilons[1] <= 3.0 + 1e-9, done.stdout

@@ -13,8 +13,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from dp_attn import engine
-from dp_attn.engine import WORD_BITS, PoissonBatchSampler, poisson_mask, rate_words
+from dp_attn import sampling
+from dp_attn.sampling import WORD_BITS, PoissonBatchSampler, poisson_mask, rate_words
 
 RATES = [1e-7, 2**-30, 1e-30, 0.3, 1 - 2**-53, 1.0, 5e-324]
 
@@ -40,8 +40,10 @@ def test_inclusion_probability_is_q_exactly(q, monkeypatch):
         level = Fraction(1, 2 ** (WORD_BITS * j))  # P(the first j words equal q's)
         below = [w for w in (0, word - 1) if 0 <= w < min(word, 2**WORD_BITS)]
         above = [w for w in (word + 1, top) if word < w <= top]
-        for group, included, count in ((below, True, min(word, 2**WORD_BITS)),
-                                       (above, False, max(top - word, 0))):  # fmt: skip
+        for group, included, count in (
+            (below, True, min(word, 2**WORD_BITS)),
+            (above, False, max(top - word, 0)),
+        ):
             for w in dict.fromkeys(group):
                 streams.append([*words[:j], w])
                 weights.append(level * Fraction(count, 2**WORD_BITS) / len(set(group)))
@@ -62,14 +64,14 @@ def test_inclusion_probability_is_q_exactly(q, monkeypatch):
         assert len(drawn) == count
         return torch.tensor(drawn, dtype=torch.int64)
 
-    monkeypatch.setattr(engine, "_uniform_words", forced_words)
+    monkeypatch.setattr(sampling, "_uniform_words", forced_words)
     included = poisson_mask(len(streams), words, torch.Generator()).tolist()
     assert included == want
     assert sum(w for w, inc in zip(weights, included, strict=True) if inc) == Fraction(q)
 
 
 def test_words_are_uniform_32_bit():
-    words = engine._uniform_words(200_000, torch.Generator().manual_seed(3))
+    words = sampling._uniform_words(200_000, torch.Generator().manual_seed(3))
     assert words.dtype == torch.int64 and words.min() >= 0 and words.max() < 2**32
     # the top and the bottom 4 bits are each uniform over their 16 values (5 sigma per cell)
     n, cells = words.numel(), 16

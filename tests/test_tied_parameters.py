@@ -73,8 +73,12 @@ def release(model, ids, targets, style, max_grad_norm):
     engine = PrivacyEngine()
     loader = DataLoader(TensorDataset(torch.zeros(2 * BATCH, 1)), batch_size=BATCH)
     model, optimizer, _ = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=max_grad_norm, clipping=style,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        clipping=style,
     )
     optimizer.zero_grad()
     loss_of(model, ids, targets).backward()
@@ -120,8 +124,11 @@ def test_both_uses_of_a_row_stay_clipped(direction, backend):
     engine = PrivacyEngine()
     loader = DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=1)
     model, optimizer, _ = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=1.0,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
     )
     gen = torch.Generator().manual_seed(3)
     v, r = torch.randn(DIM, generator=gen) * 1e4, torch.randn(DIM, generator=gen)
@@ -144,9 +151,11 @@ def test_other_shared_parameters_are_refused_naming_both_layers():
     engine = PrivacyEngine()
     with pytest.raises(ValueError, match=r"DP layers 0 and 1 share it"):
         engine.make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             data_loader=DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=2),
-            noise_multiplier=1.0, max_grad_norm=1.0,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
         )
 
 
@@ -157,10 +166,13 @@ def test_opacus_per_parameter_thresholds_cover_a_tied_group():
     engine = PrivacyEngine()
     thresholds = [1.0, 2.0, 2.0, 3.0]  # emb.weight, mix.weight, mix.bias, head.bias
     engine.make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
         data_loader=DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=4),
-        noise_multiplier=1.0, max_grad_norm=thresholds, clipping="per_layer",
+        noise_multiplier=1.0,
+        max_grad_norm=thresholds,
+        clipping="per_layer",
     )
-    by_layer = engine._clipper.thresholds
+    by_layer = engine._clipper.layer_thresholds
     assert by_layer[model.emb] == by_layer[model.head] == pytest.approx(math.sqrt(1 + 9))
     assert by_layer[model.mix] == pytest.approx(math.sqrt(8))

@@ -20,9 +20,17 @@ class Block(nn.Module):
 
     def forward(self, x, causal_mask, key_padding_mask):
         h = self.ln1(x)
-        x = x + self.attn(
-            h, h, h, attn_mask=causal_mask, key_padding_mask=key_padding_mask, need_weights=False
-        )[0]
+        x = (
+            x
+            + self.attn(
+                h,
+                h,
+                h,
+                attn_mask=causal_mask,
+                key_padding_mask=key_padding_mask,
+                need_weights=False,
+            )[0]
+        )
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 

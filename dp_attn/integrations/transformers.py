@@ -70,7 +70,8 @@ except ImportError as err:  # pragma: no cover - depends on the installed packag
     ) from err
 
 from ..functional import flash_attention
-from ..nn import DPConv1D, DPRMSNorm, _key_lengths
+from ..nn import DPConv1D, DPRMSNorm
+from ..nn.attention import key_lengths_from_padding_mask
 
 __all__ = ["ATTN_IMPLEMENTATION", "FlashAttentionMask", "prepare_model"]
 
@@ -142,7 +143,9 @@ def flash_attention_mask(
                 f"got {tuple(attention_mask.shape)}"
             )
         try:
-            key_lengths = _key_lengths(~attention_mask.bool(), batch_size, kv_length)
+            key_lengths = key_lengths_from_padding_mask(
+                ~attention_mask.bool(), batch_size, kv_length
+            )
         except ValueError:
             raise ValueError(
                 "dp_attn attention needs right padding: each row of attention_mask must be ones "

@@ -36,8 +36,8 @@ import math
 
 import torch
 
-from .per_example_norms import feature_block
-from .reference import grad_norm_method
+from .per_example_norms import grad_norm_method
+from .tl_utils import feature_block
 
 FP32_UNIT = 2.0**-24  # one fp32 operation, round to nearest
 # Per fp32 addition of an accumulation: round to nearest on the CPU (twins and interpreter);
@@ -133,13 +133,18 @@ def ghost_rounding(seq_len: int, din: int, dout: int, device: torch.device) -> f
     term per tile pair of the program; programs summed in float64, one final rounding)."""
     block_t = min(64, max(16, 1 << max(0, seq_len - 1).bit_length()))
     n_tiles = -(-seq_len // block_t)
-    return _grow(gamma(din + 1, device), gamma(dout, device), FP32_UNIT,
-                 gamma(2 * block_t + n_tiles + 2, device), FP32_UNIT)  # fmt: skip
+    return _grow(
+        gamma(din + 1, device),
+        gamma(dout, device),
+        FP32_UNIT,
+        gamma(2 * block_t + n_tiles + 2, device),
+        FP32_UNIT,
+    )
 
 
 def certified_norm_method(seq_len: int, din: int, dout: int, device: torch.device) -> str:
-    """The norm path for bounds: the cheaper by FLOPs (reference.grad_norm_method), except that
-    ghost is used only where its certified bound stays tight on benign inputs."""
+    """The norm path for bounds: the cheaper by FLOPs (per_example_norms.grad_norm_method),
+    except that ghost is used only where its certified bound stays tight on benign inputs."""
     method = grad_norm_method(seq_len, din, dout)
     slack = ghost_rounding(seq_len, din, dout, device) * seq_len
     if method == "ghost" and slack > GHOST_SLACK_LIMIT:
@@ -160,7 +165,7 @@ def linear_norm_bounds(sq: torch.Tensor, a, g, *, bias: bool, method: str) -> Bo
     sq = sq.double().clamp(min=0.0)
     if method == "ghost":
         rounding = ghost_rounding(seq_len, din, dout, a.device)
-        exact = (sq * (1.0 + 2 * FP32_UNIT) + rounding * p.square())
+        exact = sq * (1.0 + 2 * FP32_UNIT) + rounding * p.square()
         exact = exact.sqrt()
     else:
         # Squares, two in-tile sums (BLOCK_O and BLOCK_I terms), the bias term, float64 across

@@ -13,6 +13,8 @@ gradient is g_iᵀ a_i and the bias gradient Σ_t g_it. Two tiled paths, fp32 ac
 Neither path holds a T×T matrix or a per-example gradient: the only memory beyond the inputs
 is one fp32 partial sum per (example, program), summed in float64 in a fixed order
 (deterministic). The sums are structured so that norm_bounds can bound their rounding.
+
+per_example_grad_sq_norms_reference is the plain-PyTorch twin.
 """
 
 from __future__ import annotations
@@ -21,19 +23,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .clipped_sum import autotune_configs, dot_acc, dot_in_fp32
-from .reference import grad_norm_method
-from .utils import checked_grid
+from .tl_utils import (
+    autotune_configs,
+    dot_acc,
+    dot_in_fp32,
+    feature_block,
+    fitted_to_layer,
+    seq_block,
+)
+from .utils import as_sequences, checked_grid
 
 
-def seq_block(seq_len: int) -> int:
-    """Rows per T-tile of the ghost paths: 64, or the next power of two >= T (at least 16,
-    the smallest K of a 16-bit tl.dot on NVIDIA)."""
-    return min(64, max(16, triton.next_power_of_2(seq_len)))
-
-
-def feature_block(width: int, cap: int = 128) -> int:
-    return min(cap, max(16, triton.next_power_of_2(width)))
+def grad_norm_method(seq_len: int, din: int, dout: int) -> str:
+    """The cheaper exact per-example norm path by FLOPs: "ghost" costs ~T²(din+dout) per example
+    (pairs of T-tiles, symmetric), "instantiate" ~2·T·din·dout. Kernels and twin use this rule."""
+    return "ghost" if seq_len * (din + dout) <= 2 * din * dout else "instantiate"
 
 
 @triton.jit
@@ -54,33 +58,60 @@ def folded_pair(r, j, N_TILES):
 
 
 @triton.jit
-def gram_tile(x_ptr, rows_s, rows_t, valid_s, valid_t, D, BLOCK_D: tl.constexpr,
-               BLOCK_T: tl.constexpr, DOT_FP32: tl.constexpr):
+def gram_tile(
+    x_ptr,
+    rows_s,
+    rows_t,
+    valid_s,
+    valid_t,
+    D,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
     """x[rows_s] @ x[rows_t]ᵀ, [BLOCK_T, BLOCK_T] in fp32, over the D features in chunks."""
     offs_d = tl.arange(0, BLOCK_D)
     gram = tl.zeros((BLOCK_T, BLOCK_T), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
-        x_s = tl.load(x_ptr + rows_s[:, None] * D + cols[None, :],
-                      mask=valid_s[:, None] & (cols[None, :] < D), other=0.0)
-        x_t = tl.load(x_ptr + rows_t[None, :] * D + cols[:, None],
-                      mask=valid_t[None, :] & (cols[:, None] < D), other=0.0)
+        x_s = tl.load(
+            x_ptr + rows_s[:, None] * D + cols[None, :],
+            mask=valid_s[:, None] & (cols[None, :] < D),
+            other=0.0,
+        )
+        x_t = tl.load(
+            x_ptr + rows_t[None, :] * D + cols[:, None],
+            mask=valid_t[None, :] & (cols[:, None] < D),
+            other=0.0,
+        )
         gram = dot_acc(x_s, x_t, gram, DOT_FP32)
     return gram
 
 
 @triton.autotune(
-    configs=autotune_configs([
-        triton.Config({"BLOCK_D": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_D": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_D": 64}, num_warps=4, num_stages=3),
-    ]),
+    configs=autotune_configs(
+        [
+            # 4 warps took 123-168 registers where 8 took 64-122, and spilled 76-208 B on a narrow
+            # layer (bench/compile_report.py).
+            triton.Config({"BLOCK_D": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_D": 128}, num_warps=8, num_stages=3),
+        ]
+    ),
     key=["T", "DIN", "DOUT"],
+    prune_configs_by=fitted_to_layer(lambda args: {"BLOCK_D": max(args["DIN"], args["DOUT"])}),
 )
 @triton.jit
 def _ghost_sq_norm_kernel(
-    a_ptr, g_ptr, part_ptr, T, DIN, DOUT, N_TILES,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr,
+    a_ptr,
+    g_ptr,
+    part_ptr,
+    T,
+    DIN,
+    DOUT,
+    N_TILES,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # One flat grid (example, program): neither count is bounded by CUDA's 65,535 on y.
@@ -94,10 +125,12 @@ def _ghost_sq_norm_kernel(
         s, t = folded_pair(r, j, N_TILES)
         pos_s, pos_t = s * BLOCK_T + offs_t, t * BLOCK_T + offs_t
         valid_s, valid_t = pos_s < T, pos_t < T
-        a_gram = gram_tile(a_ptr, base + pos_s, base + pos_t, valid_s, valid_t, DIN,
-                            BLOCK_D, BLOCK_T, DOT_FP32)
-        g_gram = gram_tile(g_ptr, base + pos_s, base + pos_t, valid_s, valid_t, DOUT,
-                            BLOCK_D, BLOCK_T, DOT_FP32)
+        a_gram = gram_tile(
+            a_ptr, base + pos_s, base + pos_t, valid_s, valid_t, DIN, BLOCK_D, BLOCK_T, DOT_FP32
+        )
+        g_gram = gram_tile(
+            g_ptr, base + pos_s, base + pos_t, valid_s, valid_t, DOUT, BLOCK_D, BLOCK_T, DOT_FP32
+        )
         if HAS_BIAS:
             a_gram += 1.0
         # Two sums of BLOCK_T terms rather than one of BLOCK_T²: the rounding bound of
@@ -107,19 +140,29 @@ def _ghost_sq_norm_kernel(
 
 
 @triton.autotune(
-    configs=autotune_configs([
-        # BLOCK_T 64 spilled on sm_80 (bench/compile_report.py): 142 B with 4 warps, and 4 B
-        # with 8 warps and 3 stages (triton 3.6: ptxas stopped at 128 registers).
-        triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=4),
-    ]),
+    configs=autotune_configs(
+        [
+            # BLOCK_T 64 spilled on sm_80 (bench/compile_report.py): 142 B with 4 warps, and 4 B
+            # with 8 warps and 3 stages (triton 3.6: ptxas stopped at 128 registers).
+            triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_T": 32}, num_warps=8, num_stages=4),
+        ]
+    ),
     key=["T", "DIN", "DOUT"],
 )
 @triton.jit
 def _instantiate_sq_norm_kernel(
-    a_ptr, g_ptr, part_ptr, T, DIN, DOUT,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_O: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+    a_ptr,
+    g_ptr,
+    part_ptr,
+    T,
+    DIN,
+    DOUT,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     n_i = tl.cdiv(DIN, BLOCK_I)
     tiles = tl.cdiv(DOUT, BLOCK_O) * n_i
@@ -133,17 +176,26 @@ def _instantiate_sq_norm_kernel(
     for t0 in range(0, T, BLOCK_T):
         t = t0 + offs_t
         rows64 = i.to(tl.int64) * T + t
-        g_t = tl.load(g_ptr + rows64[None, :] * DOUT + cols_o[:, None],
-                      mask=(t[None, :] < T) & (cols_o[:, None] < DOUT), other=0.0)
-        x = tl.load(a_ptr + rows64[:, None] * DIN + cols_i[None, :],
-                    mask=(t[:, None] < T) & (cols_i[None, :] < DIN), other=0.0)
+        g_t = tl.load(
+            g_ptr + rows64[None, :] * DOUT + cols_o[:, None],
+            mask=(t[None, :] < T) & (cols_o[:, None] < DOUT),
+            other=0.0,
+        )
+        x = tl.load(
+            a_ptr + rows64[:, None] * DIN + cols_i[None, :],
+            mask=(t[:, None] < T) & (cols_i[None, :] < DIN),
+            other=0.0,
+        )
         acc = dot_acc(g_t, x, acc, DOT_FP32)
         if HAS_BIAS:
             if tile % n_i == 0:  # only the first-column tile reports its rows' bias sums
                 # A load of its own: the dot's operand feeding a reduction as well fails
                 # triton 3.6's OptimizeThreadLocality pass for fp32 (bench/compile_report.py).
-                g_b = tl.load(g_ptr + rows64[None, :] * DOUT + cols_o[:, None],
-                              mask=(t[None, :] < T) & (cols_o[:, None] < DOUT), other=0.0)
+                g_b = tl.load(
+                    g_ptr + rows64[None, :] * DOUT + cols_o[:, None],
+                    mask=(t[None, :] < T) & (cols_o[:, None] < DOUT),
+                    other=0.0,
+                )
                 acc_b += tl.sum(g_b.to(tl.float32), axis=1)
     # Row sums, then their sum: at most BLOCK_O + BLOCK_I additions per term (norm_bounds).
     sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
@@ -172,13 +224,46 @@ def per_example_grad_sq_norms(a, g, *, bias=True, method=None):
         dot_fp32 = dot_in_fp32(a.dtype)
         if method == "ghost":
             _ghost_sq_norm_kernel[grid](
-                a2, g2, partial, seq_len, din, dout, n_tiles,
-                HAS_BIAS=bias, DOT_FP32=dot_fp32, BLOCK_T=block_t,
+                a2,
+                g2,
+                partial,
+                seq_len,
+                din,
+                dout,
+                n_tiles,
+                HAS_BIAS=bias,
+                DOT_FP32=dot_fp32,
+                BLOCK_T=block_t,
             )
         else:
             _instantiate_sq_norm_kernel[grid](
-                a2, g2, partial, seq_len, din, dout,
-                HAS_BIAS=bias, DOT_FP32=dot_fp32, BLOCK_O=block_o, BLOCK_I=block_i,
+                a2,
+                g2,
+                partial,
+                seq_len,
+                din,
+                dout,
+                HAS_BIAS=bias,
+                DOT_FP32=dot_fp32,
+                BLOCK_O=block_o,
+                BLOCK_I=block_i,
             )
     # float64 across programs, so that this sum adds one rounding (norm_bounds), not γ(programs).
     return partial.sum(1, dtype=torch.float64).float()
+
+
+def per_example_grad_sq_norms_reference(a, g, *, bias=True, method=None):
+    """per_example_grad_sq_norms' twin: ‖g_iᵀ a_i‖_F² (+ ‖Σ_t g_it‖² with bias), fp32 [B]."""
+    a, g = as_sequences(a).float(), as_sequences(g).float()
+    method = method or grad_norm_method(a.shape[1], a.shape[2], g.shape[2])
+    # fp32 Gram matrices or tiles, as the kernels; products and sums in float64, so that the
+    # rounding stays within what norm_bounds assumes of the kernels.
+    if method == "ghost":
+        g_gram = torch.bmm(g, g.transpose(1, 2)).double()
+        a_gram = torch.bmm(a, a.transpose(1, 2)).double()
+        return ((a_gram + 1.0 if bias else a_gram) * g_gram).sum((1, 2)).float()
+    # One example's [dout, din] gradient at a time: never [B, dout, din] (an LM head's B×V×d).
+    sq = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
+    for i, (g_i, a_i) in enumerate(zip(g, a, strict=True)):
+        sq[i] = (g_i.T @ a_i).square().sum(dtype=torch.float64)
+    return (sq + g.sum(1).double().square().sum(1) if bias else sq).float()

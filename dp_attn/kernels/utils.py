@@ -1,9 +1,9 @@
-"""Helpers shared by every kernel family: backend choice, input checks, noise keys."""
+"""Helpers shared by every kernel family: backend choice, input checks, launch-grid limits,
+and the shapes and masks the plain-PyTorch twins share."""
 
 from __future__ import annotations
 
 import os
-import secrets
 
 import torch
 
@@ -84,16 +84,12 @@ def check_nonnegative(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 
-def noise_key(seed: int | None) -> int:
-    """The 128-bit key of one noise draw: its low 64 bits key Philox, its high 64 bits fill the
-    Philox counter words that the element offsets leave free (the rule in reference.py).
+def as_sequences(x: torch.Tensor) -> torch.Tensor:
+    """[B, d] inputs are sequences of length one: view them as [B, 1, d]."""
+    return x.unsqueeze(1) if x.dim() == 2 else x
 
-    `seed=None` (the only setting for real training) takes 128 fresh bits from the operating
-    system's CSPRNG, never from torch's global generator. An explicit seed is for tests. The
-    key is never stored, logged or returned to the caller.
-    """
-    if seed is None:
-        return secrets.randbits(128)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**128:
-        raise ValueError(f"seed must be None or an int in [0, 2**128), got {seed!r}")
-    return seed
+
+def zero_dropped(x: torch.Tensor, clip_factors: torch.Tensor) -> torch.Tensor:
+    """x [B, T, d] in fp32 with the examples whose clip factor is 0 set to exactly 0, so that a
+    non-finite example (clip factor 0) contributes 0 rather than 0 * inf = NaN."""
+    return torch.where((clip_factors != 0)[:, None, None], x.float(), 0.0)

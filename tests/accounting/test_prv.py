@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dp_attn.accounting import PRVAccountant, RDPAccountant
-from dp_attn.accounting.prv import _discretise, _step_range, loss_distribution
+from dp_attn.accounting.privacy_loss import _discretise, _step_range
+from dp_attn.accounting.prv import loss_distribution
 
 from .test_rdp import SETTINGS, gaussian_epsilon
 

@@ -27,16 +27,24 @@ from dp_attn.integrations import transformers as dp_hf  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
 DECODER = dict(
-    vocab_size=VOCAB, num_hidden_layers=LAYERS, max_position_embeddings=16,
-    bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
-)  # fmt: skip
+    vocab_size=VOCAB,
+    num_hidden_layers=LAYERS,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
 
 
 def qwen2():
     config = transformers.Qwen2Config(
-        hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         **DECODER,
-    )  # fmt: skip
+    )
     return transformers.Qwen2ForCausalLM(config)  # biases on q, k, v
 
 
@@ -44,17 +52,24 @@ def mistral(sliding_window=None):
     # Mistral's default 4096-key sliding window is refused (flash attention has none); a
     # window at least as long as the sequences is full causal attention: sliding_window=None.
     config = transformers.MistralConfig(
-        hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
-        sliding_window=sliding_window, **DECODER,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=sliding_window,
+        **DECODER,
+    )
     return transformers.MistralForCausalLM(config)
 
 
 def phi3():
     config = transformers.Phi3Config(  # fused qkv_proj and gate_up_proj; head dim 192 / 2 = 96
-        hidden_size=192, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+        hidden_size=192,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
         **DECODER,
-    )  # fmt: skip
+    )
     return transformers.Phi3ForCausalLM(config)
 
 
@@ -67,19 +82,33 @@ def gpt_neox():
 
 def roberta():
     config = transformers.RobertaConfig(  # positions from input_ids, offset by padding_idx
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-        intermediate_size=48, max_position_embeddings=16, pad_token_id=0,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     return transformers.RobertaForSequenceClassification(config)
 
 
 def vit():
     config = transformers.ViTConfig(
-        image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=LAYERS,
-        num_attention_heads=2, intermediate_size=48, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=3,
-    )  # fmt: skip
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=48,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+    )
     model = transformers.ViTForImageClassification(config)
     model.vit.embeddings.requires_grad_(False)
     return model

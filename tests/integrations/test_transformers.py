@@ -31,8 +31,16 @@ N = 6  # dataset size: q = BATCH / N, expected batch size q·N = BATCH
 
 def gpt2(tie=False):
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=LAYERS, n_head=2,
-        attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB,
+        n_positions=16,
+        n_embd=32,
+        n_layer=LAYERS,
+        n_head=2,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
         tie_word_embeddings=tie,
     )
     return generic(transformers.GPT2LMHeadModel(config))
@@ -40,18 +48,32 @@ def gpt2(tie=False):
 
 def llama(tie=False):
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=16,
-        bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=tie,
     )
     return generic(transformers.LlamaForCausalLM(config))
 
 
 def bert():
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-        intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=3,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
     )
     return generic(transformers.BertForSequenceClassification(config))
 
@@ -109,8 +131,12 @@ def make_private(model, max_grad_norm):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     loader = DataLoader(TensorDataset(torch.zeros(N, 1)), batch_size=BATCH)
     model, optimizer, _ = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
-        max_grad_norm=max_grad_norm, clipping="flat",
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        clipping="flat",
     )
     return engine, model, optimizer
 
@@ -228,8 +254,9 @@ def test_dp_lora_trains_and_privatises_only_the_adapters(monkeypatch):
 # ---------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("build", [lambda: gpt2(tie=True), lambda: llama(tie=True)],
-                         ids=["gpt2", "llama"])  # fmt: skip
+@pytest.mark.parametrize(
+    "build", [lambda: gpt2(tie=True), lambda: llama(tie=True)], ids=["gpt2", "llama"]
+)
 def test_tied_embeddings_release_equals_oracle(build):
     """Tied input and output embeddings (GPT-2's default, LLaMA with tie_word_embeddings):
     the shared weight's release, the clipped sum over both uses, equals the oracle's."""

@@ -5,7 +5,7 @@ launching; and the noise kernel, whose programs are folded onto axis x, covers e
 import pytest
 import torch
 
-from dp_attn.kernels import clipped_sum, reference
+from dp_attn.kernels import clipped_sum, noise
 from dp_attn.kernels.flash_attn import attention_grid
 from dp_attn.kernels.utils import MAX_GRID, checked_grid
 
@@ -29,22 +29,23 @@ def test_checked_grid_accepts_the_limits_and_names_the_axis_past_them():
 @pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 4096, 2**16, 2**20, 2**27])
 def test_noise_grid_covers_every_element_within_limits(rows):
     width = ELEMENTS // rows
-    grid, block_r, block_w = clipped_sum.noise_grid(rows, width)
+    grid, block_r, block_w = noise.noise_grid(rows, width)
     assert len(grid) == 1 and within_limits(grid)
     row_blocks, col_blocks = -(-rows // block_r), -(-width // block_w)
     assert grid[0] == row_blocks * col_blocks
-    assert block_w % 4 == 0  # the epilogue's four noise lanes per counter
+    assert block_w % 8 == 0  # noised_by_quarters: quarters of whole counters (two lanes)
 
 
 def test_noise_grid_of_one_wide_row_fits_where_axis_y_did_not():
     """A flat 2**31-element tensor: 2**19 column blocks, past axis y's 65,535."""
-    grid, block_r, block_w = clipped_sum.noise_grid(1, ELEMENTS)
+    grid, block_r, block_w = noise.noise_grid(1, ELEMENTS)
     assert (block_r, block_w) == (1, 4096)
     assert grid == (ELEMENTS // 4096,) and ELEMENTS // 4096 > MAX_GRID[1]
 
 
-@pytest.mark.parametrize("dout, din", [(2**16, 2**15), (2**15, 2**16), (16, 2**27), (2**27, 16),
-                                       (50257, 768), (1, 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "dout, din", [(2**16, 2**15), (2**15, 2**16), (16, 2**27), (2**27, 16), (50257, 768), (1, 1)]
+)
 @pytest.mark.parametrize("blocks", [(128, 128), (64, 64), (128, 64)])
 def test_clipped_sum_grid_within_limits(dout, din, blocks):
     for bias in (False, True):
@@ -75,8 +76,7 @@ def test_folded_noise_kernel_matches_the_twin(shape):
     """Several row and column blocks on one axis (1 x 9000: 3 column blocks of 4096; 40 x 300:
     3 x 2 blocks of 16 x 256); every element gets its own noise, once."""
     rows, width = shape
-    src = torch.randn(1, rows, width, generator=torch.Generator().manual_seed(0))
-    dst = torch.full((rows, width), float("nan"))
-    clipped_sum.finish_with_noise(src, dst, noise_std=0.5, scale=3.0, key=2**70 + 9, base=5)
-    want = src[0] + reference.released_noise(2**70 + 9, rows, width, 5, std=0.5)
-    torch.testing.assert_close(dst, 3.0 * want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(0))
+    got = noise.add_gaussian_noise_(x.clone(), 0.5, seed=2**70 + 9)
+    want = x + noise.released_noise(2**70 + 9, rows, width, std=0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

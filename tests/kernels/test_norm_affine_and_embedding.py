@@ -1,5 +1,5 @@
 """Norm-affine (LayerNorm / RMSNorm) and embedding per-example norms and clipped sums: kernels
-vs their twin, the twin vs torch.func per-example gradients of real modules, privacy bounds,
+vs their twins, the twins vs torch.func per-example gradients of real modules, privacy bounds,
 and input checks."""
 
 import math
@@ -12,7 +12,12 @@ from torch import nn
 from torch.nn import functional as torch_f
 
 from dp_attn import functional as F
-from dp_attn.kernels import reference, small_layers
+from dp_attn.kernels import embedding, norm_affine
+from dp_attn.kernels.embedding import embedding_clipped_grad_sum_reference
+from dp_attn.kernels.norm_affine import (
+    norm_affine_clipped_grad_sum_reference,
+    norm_affine_grad_sq_norms_reference,
+)
 
 from .dp_oracle import clip_factors_for, per_example_grads, sq_norms
 
@@ -23,8 +28,10 @@ def randn(*shape, dtype=torch.float32, seed=0):
 
 def norm_case(kind, shape, seed=0):
     """(x_hat, g, per-example weight grads, bias grads or None) of a real LayerNorm/RMSNorm."""
-    x, gy = randn(*shape, dtype=torch.float64, seed=seed), randn(*shape, dtype=torch.float64,
-                                                                  seed=seed + 1)
+    x, gy = (
+        randn(*shape, dtype=torch.float64, seed=seed),
+        randn(*shape, dtype=torch.float64, seed=seed + 1),
+    )
     d = shape[-1]
     if kind == "layernorm":
         module = nn.LayerNorm(d, dtype=torch.float64)
@@ -57,45 +64,52 @@ def test_norm_affine_norms_and_sums_match_oracle(kind, shape):
     has_bias = bias is not None
     norms = F.norm_affine_grad_sq_norms(x_hat, g, bias=has_bias)
     torch.testing.assert_close(norms.double(), sq_norms(weight, bias), rtol=1e-5, atol=1e-5)
-    twin = reference.norm_affine_grad_sq_norms(x_hat, g, bias=has_bias)
+    twin = norm_affine_grad_sq_norms_reference(x_hat, g, bias=has_bias)
     torch.testing.assert_close(norms, twin, rtol=1e-5, atol=1e-5)
     c = clip_factors_for(sq_norms(weight, bias), threshold=1.0)
     got = F.norm_affine_clipped_grad_sum(x_hat, g, c, scale=0.5, bias=has_bias)
     want_w = 0.5 * (c.double()[:, None] * weight).sum(0)
     want_b = 0.5 * (c.double()[:, None] * bias).sum(0) if has_bias else None
-    assert_pairs_close(got, (want_w.float(), None if want_b is None else want_b.float()),
-                       rtol=1e-5, atol=1e-5)
+    assert_pairs_close(
+        got, (want_w.float(), None if want_b is None else want_b.float()), rtol=1e-5, atol=1e-5
+    )
 
 
-def test_norm_affine_noise_split_rows_and_dtypes_match_twin():
-    """1200 rows: several row-splits whose fp32 partials the noise kernel adds; fp16 output."""
-    x_hat, g = randn(3, 400, 24, dtype=torch.float16), randn(3, 400, 24, dtype=torch.float16,
-                                                             seed=1)
+def test_norm_affine_split_rows_and_dtypes_match_twin():
+    """1200 rows: several row-splits whose fp32 partials are added; fp16 output."""
+    x_hat, g = (
+        randn(3, 400, 24, dtype=torch.float16),
+        randn(3, 400, 24, dtype=torch.float16, seed=1),
+    )
     c = torch.tensor([1.0, 0.3, 0.0])
-    args = dict(noise_std=0.8, scale=0.25, seed=99)
-    got = small_layers.norm_affine_clipped_grad_sum(x_hat, g, c, **args)
+    args = dict(scale=0.25)
+    got = norm_affine.norm_affine_clipped_grad_sum(x_hat, g, c, **args)
     assert got[0].dtype == torch.float16 and got[1].shape == (24,)
-    want = reference.norm_affine_clipped_grad_sum(x_hat, g, c, **args)
+    want = norm_affine_clipped_grad_sum_reference(x_hat, g, c, **args)
     assert_pairs_close(got, want, rtol=2e-3, atol=2e-3)
     f32 = F.norm_affine_clipped_grad_sum(x_hat, g, c, **args, out_dtype=torch.float32)
-    assert_pairs_close(f32, reference.norm_affine_clipped_grad_sum(
-        x_hat, g, c, **args, out_dtype=torch.float32), rtol=1e-4, atol=1e-4)
+    assert_pairs_close(
+        f32,
+        norm_affine_clipped_grad_sum_reference(x_hat, g, c, **args, out_dtype=torch.float32),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_norm_affine_empty_batch_and_dropped_examples():
     x_hat, g = randn(0, 4, 6), randn(0, 4, 6)
     assert F.norm_affine_grad_sq_norms(x_hat, g).shape == (0,)
-    weight, bias = F.norm_affine_clipped_grad_sum(x_hat, g, torch.zeros(0), noise_std=1.0,
-                                                  seed=4)
-    torch.testing.assert_close(weight, reference.released_noise(4, 1, 6)[0], rtol=1e-5, atol=1e-5)
-    # The bias's Philox counters follow the weight's ⌈6/2⌉ = 3.
-    bias_noise = reference.released_noise(4, 1, 6, base=3)[0]
-    torch.testing.assert_close(bias, bias_noise, rtol=1e-5, atol=1e-5)
+    weight, bias = F.norm_affine_clipped_grad_sum(x_hat, g, torch.zeros(0), scale=0.5)
+    assert weight.shape == bias.shape == (6,) and not weight.any() and not bias.any()
     x_hat, g = randn(2, 4, 6), randn(2, 4, 6, seed=1)
     x_hat[0, 1, 2] = float("nan")
     got = F.norm_affine_clipped_grad_sum(x_hat, g, torch.tensor([0.0, 0.5]))
-    assert_pairs_close(got, F.norm_affine_clipped_grad_sum(x_hat[1:], g[1:], torch.tensor([0.5])),
-                       rtol=1e-6, atol=1e-6)
+    assert_pairs_close(
+        got,
+        F.norm_affine_clipped_grad_sum(x_hat[1:], g[1:], torch.tensor([0.5])),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 # ---------------------------------------------------------------- embeddings
@@ -119,27 +133,26 @@ def test_embedding_norms_and_sums_match_oracle(batch, seq, vocab, d, padding_idx
     ids, g, weight = embedding_case(batch, seq, vocab, d, padding_idx)
     norms = F.embedding_grad_sq_norms(ids, g, padding_idx=padding_idx)
     torch.testing.assert_close(norms.double(), sq_norms(weight), rtol=1e-5, atol=1e-4)
-    twin = reference.embedding_grad_sq_norms(ids, g, padding_idx=padding_idx)
-    torch.testing.assert_close(norms, twin, rtol=1e-5, atol=1e-4)
     c = clip_factors_for(sq_norms(weight), threshold=2.0)
     got = F.embedding_clipped_grad_sum(ids, g, c, vocab, scale=0.5, padding_idx=padding_idx)
     want = 0.5 * (c.double()[:, None, None] * weight).sum(0)
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
 
 
-def test_embedding_1d_ids_int32_fp16_and_noise_match_twin():
+def test_embedding_1d_ids_int32_fp16_match_twin():
     ids = torch.tensor([4, 1, 4, 0, 2], dtype=torch.int32)
     g = randn(5, 12, dtype=torch.float16)
     norms = F.embedding_grad_sq_norms(ids, g)
     torch.testing.assert_close(norms, g.float().square().sum(1), rtol=1e-5, atol=1e-5)
     c = torch.rand(5)
-    args = dict(noise_std=0.5, scale=2.0, seed=8, padding_idx=4)
-    got = small_layers.embedding_clipped_grad_sum(ids, g, c, 6, **args)
+    args = dict(scale=2.0, padding_idx=4)
+    got = embedding.embedding_clipped_grad_sum(ids, g, c, 6, **args)
     assert got.dtype == torch.float16 and got.shape == (6, 12)
-    torch.testing.assert_close(got, reference.embedding_clipped_grad_sum(ids, g, c, 6, **args),
-                               rtol=2e-3, atol=2e-3)
-    # The padding row's gradient is 0 for every dataset: released exactly, without noise.
-    assert not got[4].any() and got[3].all()
+    torch.testing.assert_close(
+        got, embedding_clipped_grad_sum_reference(ids, g, c, 6, **args), rtol=2e-3, atol=2e-3
+    )
+    # The padding row and the rows of ids that do not occur are exactly 0.
+    assert not got[4].any() and not got[3].any() and not got[5].any() and got[1].all()
 
 
 def test_embedding_empty_batch_and_dropped_examples():
@@ -171,14 +184,14 @@ def test_each_clipped_contribution_is_bounded(seq, vocab, d, magnitude, threshol
     embedding and norm-affine contributions have norm ≤ threshold."""
     ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(seed))
     g = randn(1, seq, d, seed=seed) * magnitude
-    c = torch.clamp(threshold / (reference.embedding_grad_sq_norms(ids, g).sqrt() + 1e-6),
-                    max=1.0)
-    out = small_layers.embedding_clipped_grad_sum(ids, g, c, vocab)
+    c = torch.clamp(threshold / (embedding.embedding_grad_sq_norms(ids, g).sqrt() + 1e-6), max=1.0)
+    out = embedding.embedding_clipped_grad_sum(ids, g, c, vocab)
     assert math.sqrt(float(out.double().square().sum())) <= threshold * (1 + 1e-4)
     x_hat = randn(1, seq, d, seed=seed + 1)
-    c = torch.clamp(threshold / (small_layers.norm_affine_grad_sq_norms(x_hat, g).sqrt() + 1e-6),
-                    max=1.0)
-    weight, bias = small_layers.norm_affine_clipped_grad_sum(x_hat, g, c)
+    c = torch.clamp(
+        threshold / (norm_affine.norm_affine_grad_sq_norms(x_hat, g).sqrt() + 1e-6), max=1.0
+    )
+    weight, bias = norm_affine.norm_affine_clipped_grad_sum(x_hat, g, c)
     total = float(weight.double().square().sum() + bias.double().square().sum())
     assert math.sqrt(total) <= threshold * (1 + 1e-4)
 
@@ -194,8 +207,7 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: F.norm_affine_grad_sq_norms(x, g[..., :3]), ValueError, "same shape"),
         (lambda: F.norm_affine_grad_sq_norms(x.double(), g), TypeError, "dtype"),
         (lambda: F.norm_affine_clipped_grad_sum(x, g, c[:1]), ValueError, "clip_factors"),
-        (lambda: F.norm_affine_clipped_grad_sum(x, g, c, noise_std=-2.0), ValueError,
-         "noise_std"),
+        (lambda: F.norm_affine_clipped_grad_sum(x, g, c, scale=float("inf")), ValueError, "scale"),
         (lambda: F.embedding_grad_sq_norms(ids.float(), g), TypeError, "ids"),
         (lambda: F.embedding_grad_sq_norms(ids, g[:, :2]), ValueError, "g must have shape"),
         (lambda: F.embedding_grad_sq_norms(ids, g, padding_idx=-1), ValueError, "padding_idx"),
@@ -203,11 +215,17 @@ def test_bad_inputs_raise_clear_errors():
         (lambda: F.embedding_clipped_grad_sum(ids, g, c, 2), ValueError, "ids must lie"),
         (lambda: F.embedding_clipped_grad_sum(-ids, g, c, 3), ValueError, "ids must lie"),
         (lambda: F.embedding_clipped_grad_sum(ids, g, c, 0), ValueError, "num_embeddings"),
-        (lambda: F.embedding_clipped_grad_sum(ids, g, c, 3, padding_idx=3), ValueError,
-         "padding_idx"),
+        (
+            lambda: F.embedding_clipped_grad_sum(ids, g, c, 3, padding_idx=3),
+            ValueError,
+            "padding_idx",
+        ),
         (lambda: F.embedding_clipped_grad_sum(ids, g, c[:1], 3), ValueError, "clip_factors"),
-        (lambda: F.embedding_clipped_grad_sum(ids, g, c, 3, scale=float("nan")), ValueError,
-         "scale"),
+        (
+            lambda: F.embedding_clipped_grad_sum(ids, g, c, 3, scale=float("nan")),
+            ValueError,
+            "scale",
+        ),
     ]
     for call, error, words in cases:
         with pytest.raises(error, match=words):
@@ -218,20 +236,29 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.cuda
-def test_cuda_bf16_small_layers_match_twin():
-    x_hat, g = randn(8, 512, 768, dtype=torch.bfloat16).cuda(), randn(
-        8, 512, 768, dtype=torch.bfloat16, seed=1).cuda()
+def test_cuda_bf16_norm_affine_and_embedding_match_twins():
+    x_hat, g = (
+        randn(8, 512, 768, dtype=torch.bfloat16).cuda(),
+        randn(8, 512, 768, dtype=torch.bfloat16, seed=1).cuda(),
+    )
     ids = torch.randint(0, 1000, (8, 512), device="cuda")
     c = torch.rand(8, device="cuda")
-    torch.testing.assert_close(F.norm_affine_grad_sq_norms(x_hat, g),
-                               reference.norm_affine_grad_sq_norms(x_hat, g), rtol=1e-3, atol=0)
-    torch.testing.assert_close(F.embedding_grad_sq_norms(ids, g, padding_idx=0),
-                               reference.embedding_grad_sq_norms(ids, g, padding_idx=0),
-                               rtol=1e-3, atol=0)
-    args = dict(noise_std=0.1, seed=5, out_dtype=torch.float32)
-    assert_pairs_close(F.norm_affine_clipped_grad_sum(x_hat, g, c, **args),
-                       reference.norm_affine_clipped_grad_sum(x_hat, g, c, **args),
-                       rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(F.embedding_clipped_grad_sum(ids, g, c, 1000, **args),
-                               reference.embedding_clipped_grad_sum(ids, g, c, 1000, **args),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        F.norm_affine_grad_sq_norms(x_hat, g),
+        norm_affine_grad_sq_norms_reference(x_hat, g),
+        rtol=1e-3,
+        atol=0,
+    )
+    args = dict(out_dtype=torch.float32)
+    assert_pairs_close(
+        F.norm_affine_clipped_grad_sum(x_hat, g, c, **args),
+        norm_affine_clipped_grad_sum_reference(x_hat, g, c, **args),
+        rtol=1e-3,
+        atol=1e-3,
+    )
+    torch.testing.assert_close(
+        F.embedding_clipped_grad_sum(ids, g, c, 1000, **args),
+        embedding_clipped_grad_sum_reference(ids, g, c, 1000, **args),
+        rtol=1e-3,
+        atol=1e-3,
+    )
