@@ -66,7 +66,8 @@ _FWD_CANDIDATES = {
     32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
     64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
     128: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-    256: [(64, 64, 8, 2)],
+    # (64, 64, 8, 2) spilled 44 B on sm_90a under triton 3.9; BLOCK_N 32 holds under 190 regs.
+    256: [(64, 32, 8, 2), (64, 32, 8, 3)],
 }
 # dK/dV: BLOCK_N keys (and their fp32 dK, dV accumulators) stay resident, BLOCK_M queries stream.
 _DKDV_CANDIDATES = {
@@ -137,13 +138,31 @@ def _autotune(kernel: str, candidates: dict[int, list[tuple[int, int, int, int]]
 
 @triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    rows, offs_d, lo, hi, kv_len, causal_shift, qk_scale,
-    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    rows,
+    offs_d,
+    lo,
+    hi,
+    kv_len,
+    causal_shift,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs = k_base + (lo + offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = v_base + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -177,8 +196,9 @@ def _fwd_inner(
 
 
 @triton.jit
-def _load_tile(ptrs, row_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr):  # fmt: skip
+def _load_tile(
+    ptrs, row_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """The [rows, BLOCK_D] tile at ptrs. Masked rows (row_ok false, when MASK_ROWS) and the
     padding columns d >= HEAD_DIM read as 0 and are never touched; a head dim that is its own
     block width needs no column mask, so none is built."""
@@ -197,8 +217,9 @@ def _load_tile(ptrs, row_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.const
 
 
 @triton.jit
-def _load_rows(base, rows, row_ok, stride_row, stride_d,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _load_rows(
+    base, rows, row_ok, stride_row, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """The [rows, BLOCK_D] tile of one head; rows past the sequence and padding columns read as
     0, never touched."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -207,16 +228,20 @@ def _load_rows(base, rows, row_ok, stride_row, stride_d,
 
 
 @triton.jit
-def _store_rows(base, rows, row_ok, stride_row, stride_d, value,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _store_rows(
+    base, rows, row_ok, stride_row, stride_d, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """Store the first HEAD_DIM columns of a [rows, BLOCK_D] tile of one head; rows past the
     sequence and padding columns are not written."""
     offs_d = tl.arange(0, BLOCK_D)
     mask = row_ok[:, None]
     if BLOCK_D != HEAD_DIM:
         mask = mask & (offs_d[None, :] < HEAD_DIM)
-    tl.store(base + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
-             value.to(base.dtype.element_ty), mask=mask)  # fmt: skip
+    tl.store(
+        base + rows[:, None] * stride_row + offs_d[None, :] * stride_d,
+        value.to(base.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
@@ -236,17 +261,43 @@ def _key_range(start_m, kv_len, causal_shift, BLOCK_M, BLOCK_N, CAUSAL: tl.const
 @_autotune("fwd", _FWD_CANDIDATES)
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, LSE, KeyLengths, sm_scale,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H, G, Tq, Tk, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    KeyLengths,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    H,
+    G,
+    Tq,
+    Tk,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # the longest rows first, for a short tail
@@ -274,15 +325,57 @@ def _attn_fwd(
 
     full_hi, hi = _key_range(start_m, kv_len, causal_shift, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_d, 0, full_hi, kv_len, causal_shift, qk_scale,
-        BLOCK_N, False, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        rows,
+        offs_d,
+        0,
+        full_hi,
+        kv_len,
+        causal_shift,
+        qk_scale,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        DOT_DTYPE,
+        INPUT_PRECISION,
+        HEAD_DIM,
+        BLOCK_D,
+    )
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_d, full_hi, hi, kv_len, causal_shift, qk_scale,
-        BLOCK_N, True, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        rows,
+        offs_d,
+        full_hi,
+        hi,
+        kv_len,
+        causal_shift,
+        qk_scale,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        DOT_DTYPE,
+        INPUT_PRECISION,
+        HEAD_DIM,
+        BLOCK_D,
+    )
 
     seen = l_i > 0.0
     l_i = tl.where(seen, l_i, 1.0)
@@ -295,12 +388,23 @@ def _attn_fwd(
 
 @triton.jit
 def _bwd_preprocess(
-    Out, DO, Delta,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    H, Tq,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
+    Out,
+    DO,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    H,
+    Tq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -315,13 +419,34 @@ def _bwd_preprocess(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-    stride_qm, stride_qd, stride_dom, stride_dod,
-    cols, offs_d, lo, hi, Tq, kv_len, causal_shift, qk_scale,
-    BLOCK_M: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qm,
+    stride_qd,
+    stride_dom,
+    stride_dod,
+    cols,
+    offs_d,
+    lo,
+    hi,
+    Tq,
+    kv_len,
+    causal_shift,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     offs_m = tl.arange(0, BLOCK_M)
     q_ptrs = q_base + (lo + offs_m)[:, None] * stride_qm + offs_d[None, :] * stride_qd
     do_ptrs = do_base + (lo + offs_m)[:, None] * stride_dom + offs_d[None, :] * stride_dod
@@ -353,19 +478,54 @@ def _bwd_dkdv_inner(
 @_autotune("dkdv", _DKDV_CANDIDATES)
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, Delta, KeyLengths, sm_scale,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, G, Tq, Tk, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    Delta,
+    KeyLengths,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    H,
+    G,
+    Tq,
+    Tk,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -408,17 +568,63 @@ def _attn_bwd_dkdv(
         lse_base = LSE + (b * H + h).to(tl.int64) * Tq
         delta_base = Delta + (b * H + h).to(tl.int64) * Tq
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-            stride_qm, stride_qd, stride_dom, stride_dod,
-            cols, offs_d, lo, diag_end, Tq, kv_len, causal_shift, qk_scale,
-            BLOCK_M, True, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
-        )  # fmt: skip
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qm,
+            stride_qd,
+            stride_dom,
+            stride_dod,
+            cols,
+            offs_d,
+            lo,
+            diag_end,
+            Tq,
+            kv_len,
+            causal_shift,
+            qk_scale,
+            BLOCK_M,
+            True,
+            CAUSAL,
+            DOT_DTYPE,
+            INPUT_PRECISION,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-            stride_qm, stride_qd, stride_dom, stride_dod,
-            cols, offs_d, tl.maximum(lo, diag_end), q_end, Tq, kv_len, causal_shift, qk_scale,
-            BLOCK_M, False, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
-        )  # fmt: skip
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qm,
+            stride_qd,
+            stride_dom,
+            stride_dod,
+            cols,
+            offs_d,
+            tl.maximum(lo, diag_end),
+            q_end,
+            Tq,
+            kv_len,
+            causal_shift,
+            qk_scale,
+            BLOCK_M,
+            False,
+            CAUSAL,
+            DOT_DTYPE,
+            INPUT_PRECISION,
+            HEAD_DIM,
+            BLOCK_D,
+        )
 
     dk = dk * sm_scale
     dk_base = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
@@ -429,13 +635,32 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _bwd_dq_inner(
-    dq, q, do, lse, delta, k_base, v_base,
-    stride_kn, stride_kd, stride_vn, stride_vd,
-    rows, offs_d, lo, hi, kv_len, causal_shift, qk_scale,
-    BLOCK_N: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    rows,
+    offs_d,
+    lo,
+    hi,
+    kv_len,
+    causal_shift,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs = k_base + (lo + offs_n)[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = v_base + (lo + offs_n)[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -463,18 +688,49 @@ def _bwd_dq_inner(
 @_autotune("dq", _DQ_CANDIDATES)
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, Delta, KeyLengths, sm_scale,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, G, Tq, Tk, SEQ_BUCKET,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    Delta,
+    KeyLengths,
+    sm_scale,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    H,
+    G,
+    Tq,
+    Tk,
+    SEQ_BUCKET,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
     HAS_KEY_LENGTHS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -501,15 +757,59 @@ def _attn_bwd_dq(
 
     full_hi, hi = _key_range(start_m, kv_len, causal_shift, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_d, 0, full_hi, kv_len, causal_shift, qk_scale,
-        BLOCK_N, False, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
-    )  # fmt: skip
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        rows,
+        offs_d,
+        0,
+        full_hi,
+        kv_len,
+        causal_shift,
+        qk_scale,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        DOT_DTYPE,
+        INPUT_PRECISION,
+        HEAD_DIM,
+        BLOCK_D,
+    )
     dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        rows, offs_d, full_hi, hi, kv_len, causal_shift, qk_scale,
-        BLOCK_N, True, CAUSAL, DOT_DTYPE, INPUT_PRECISION, HEAD_DIM, BLOCK_D,
-    )  # fmt: skip
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        rows,
+        offs_d,
+        full_hi,
+        hi,
+        kv_len,
+        causal_shift,
+        qk_scale,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        DOT_DTYPE,
+        INPUT_PRECISION,
+        HEAD_DIM,
+        BLOCK_D,
+    )
 
     dq = dq * sm_scale
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
@@ -669,12 +969,29 @@ def flash_attention_fwd(
 
     with _device_guard(q):
         _attn_fwd[grid](
-            q, k, v, out, lse, key_lengths if has_lengths else lse, sm_scale,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            H, H // Hkv, Tq, Tk, _seq_bucket(Tq, Tk),
-            HEAD_DIM=D, BLOCK_D=padded_head_dim(D), CAUSAL=causal, HAS_KEY_LENGTHS=has_lengths,
-            DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            out,
+            lse,
+            key_lengths if has_lengths else lse,
+            sm_scale,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(out),
+            H,
+            H // Hkv,
+            Tq,
+            Tk,
+            _seq_bucket(Tq, Tk),
+            HEAD_DIM=D,
+            BLOCK_D=padded_head_dim(D),
+            CAUSAL=causal,
+            HAS_KEY_LENGTHS=has_lengths,
+            DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION=precision,
+        )
     return out, lse
 
 
@@ -710,26 +1027,74 @@ def flash_attention_bwd(
     has_lengths = key_lengths is not None
     lengths_arg = key_lengths if has_lengths else lse
     common = dict(
-        HEAD_DIM=D, BLOCK_D=padded_head_dim(D), CAUSAL=causal, HAS_KEY_LENGTHS=has_lengths,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-    )  # fmt: skip
+        HEAD_DIM=D,
+        BLOCK_D=padded_head_dim(D),
+        CAUSAL=causal,
+        HAS_KEY_LENGTHS=has_lengths,
+        DOT_DTYPE=dot_dtype,
+        INPUT_PRECISION=precision,
+    )
     preprocess_block = 8192 // padded_head_dim(D)  # 8k elements per program: no spills
 
     with _device_guard(q):
         _bwd_preprocess[attention_grid(Tq, preprocess_block, H, B)](
-            out, do, delta, *_strides(out), *_strides(do), H, Tq,
-            HEAD_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=preprocess_block,
-        )  # fmt: skip
+            out,
+            do,
+            delta,
+            *_strides(out),
+            *_strides(do),
+            H,
+            Tq,
+            HEAD_DIM=D,
+            BLOCK_D=padded_head_dim(D),
+            BLOCK_M=preprocess_block,
+        )
         _attn_bwd_dkdv[lambda meta: attention_grid(Tk, meta["BLOCK_N"], Hkv, B)](
-            q, k, v, do, dk, dv, lse, delta, lengths_arg, sm_scale,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            H, H // Hkv, Tq, Tk, _seq_bucket(Tq, Tk), **common,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            do,
+            dk,
+            dv,
+            lse,
+            delta,
+            lengths_arg,
+            sm_scale,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(do),
+            *_strides(dk),
+            *_strides(dv),
+            H,
+            H // Hkv,
+            Tq,
+            Tk,
+            _seq_bucket(Tq, Tk),
+            **common,
+        )
         _attn_bwd_dq[lambda meta: attention_grid(Tq, meta["BLOCK_M"], H, B)](
-            q, k, v, do, dq, lse, delta, lengths_arg, sm_scale,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            H, H // Hkv, Tq, Tk, _seq_bucket(Tq, Tk), **common,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            do,
+            dq,
+            lse,
+            delta,
+            lengths_arg,
+            sm_scale,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(do),
+            *_strides(dq),
+            H,
+            H // Hkv,
+            Tq,
+            Tk,
+            _seq_bucket(Tq, Tk),
+            **common,
+        )
     return dq, dk, dv
 
 
