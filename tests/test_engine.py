@@ -401,8 +401,9 @@ def test_uncovered_parameters_are_named():
 
 
 def test_shared_parameters_other_than_tied_embeddings_are_refused():
-    """Tied input/output embeddings are one privacy group (tests/test_tied_parameters.py);
-    any other sharing is refused, naming both layers and how to untie."""
+    """Tied input/output embeddings are one privacy group
+    (tests/test_conversion_tied_parameters.py); any other sharing is refused, naming both layers
+    and how to untie."""
     model = make_model()
     model.blocks[0].ln2.weight = model.blocks[0].ln1.weight  # both [d]
     with pytest.raises(ValueError, match=r"blocks\.0\.ln1 and blocks\.0\.ln2 share it.*Untie"):
