@@ -4,42 +4,33 @@ __version__ = "0.1.0"
 
 import importlib
 
-# The root's public names, by the module they load from on first use (PEP 562), so that
+# The root re-exports these engine names and every name of dp_attn.functional.__all__ (the one
+# list of the functional API). Both load on first use (PEP 562), so that
 # `import dp_attn.accounting` needs neither torch nor triton: do not import torch-using
-# modules eagerly. The functional names are all of dp_attn.functional.__all__
-# (tests/test_docs.py checks that the two lists agree).
-_EXPORTS = {
-    "functional": (
-        "BLOCK_CLIP_TILE",
-        "add_gaussian_noise_",
-        "block_clip_num_groups",
-        "block_clipped_grad_sum",
-        "clip_factors",
-        "clipped_grad_sum",
-        "embedding_clipped_grad_sum",
-        "embedding_grad_norm_bounds",
-        "embedding_grad_sq_norms",
-        "flash_attention",
-        "norm_affine_clipped_grad_sum",
-        "norm_affine_grad_norm_bounds",
-        "norm_affine_grad_sq_norms",
-        "per_example_grad_norm_bounds",
-        "per_example_grad_sq_norms",
-    ),
-    "engine": ("DPOptimizer", "PoissonDataLoader", "PrivacyEngine"),
-}
-_SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
+# modules eagerly.
+_ENGINE_EXPORTS = ("DPOptimizer", "PoissonDataLoader", "PrivacyEngine")
 
-__all__ = sorted(_SOURCE)
+
+def _public_names() -> list[str]:
+    functional = importlib.import_module(".functional", __name__)
+    return sorted({*_ENGINE_EXPORTS, *functional.__all__})
 
 
 def __getattr__(name: str):
-    if name in _SOURCE:
-        module = importlib.import_module(f".{_SOURCE[name]}", __name__)
-        globals()[name] = value = getattr(module, name)
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name == "__all__":  # `from dp_attn import *`
+        names = globals()["__all__"] = _public_names()
+        return names
+    if name.startswith("_"):  # dunder probes (copy, pickle, inspect) must not import torch
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _ENGINE_EXPORTS:
+        value = getattr(importlib.import_module(".engine", __name__), name)
+    elif name in _public_names():
+        value = getattr(importlib.import_module(".functional", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*globals(), *_public_names()})

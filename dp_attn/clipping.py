@@ -16,7 +16,7 @@ import contextlib
 import math
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,7 @@ from . import functional as DF
 from .checks import check_real
 from .kernels.norm_bounds import as_fp32_factors, clip_factors
 from .nn import DPConv1D, DPLinear, DPMultiheadAttention
+from .nn.clipper import Piece
 from .nn.pieces import group_sq_bounds
 
 
@@ -73,17 +74,27 @@ class Clipper:
     part of a pass: nothing is released until zero_grad()).
     """
 
+    # The state of one backward pass, set by _begin and reset by _end_pass.
+    _pass_open: bool
+    _pass_batch: int
+    _pass_owners: set[nn.Module]
+    _pass_alive: weakref.ref[Callable[[], None]]
+    _pass_nonfinite: torch.Tensor  # [B] bool: examples with a non-finite norm (in a pass)
+    _sq: tuple[torch.Tensor, ...] | None  # flat clipping: the bounds summed over the groups
+    _kept: list[Sequence[Piece]]  # flat clipping: the groups' pieces, summed at the pass's end
+    _tied: dict[nn.Module, list[Piece]]  # tied groups' pieces, clipped at the pass's end
+
     def __init__(
         self,
-        style,
-        loss_reduction,
-        group_threshold,
-        layer_thresholds,
-        stats,
-        params,
-        tied_groups,
-        grad_scaler=None,
-    ):
+        style: str,
+        loss_reduction: str,
+        group_threshold: float,
+        layer_thresholds: Mapping[nn.Module, float],
+        stats: PrivacyStats,
+        params: Sequence[nn.Parameter],
+        tied_groups: Mapping[nn.Module, nn.Module],
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         self.style = style
         # {DP layer: its group's key} for the layers of tied embeddings (embedding and head)
         self.tied_groups = tied_groups
@@ -100,7 +111,7 @@ class Clipper:
             offset += p.numel()
         self.size = offset
         self.buffer: torch.Tensor | None = None
-        self._nonfinite = None  # device tensor: examples counted but not yet read
+        self._nonfinite: torch.Tensor | None = None  # examples counted, not yet read
         self.delivered: int | None = None  # size of the loader's batch for this step
         self.loader_in_use = False  # the engine's loader has delivered a batch
         self.step_examples = 0  # examples that entered a backward pass in this step
@@ -215,8 +226,8 @@ class Clipper:
                 if self._kept:
                     with _oom_points_to_micro_batches(self._pass_batch):
                         factors = self._factors(self._sq, self.group_threshold, scale)
-                        for pieces in self._kept:
-                            for piece in pieces:
+                        for group_pieces in self._kept:
+                            for piece in group_pieces:
                                 self._add(piece.clipped_sums(factors))
                 self.stats.examples += self._pass_batch
                 count = self._pass_nonfinite.sum()
@@ -227,7 +238,8 @@ class Clipper:
             raise
         finally:
             self._pass_open, self._pass_batch, self._pass_owners = False, 0, set()
-            self._sq, self._kept, self._pass_nonfinite, self._tied = None, [], None, {}
+            self._sq, self._kept, self._tied = None, [], {}
+            self._pass_nonfinite = torch.zeros(0, dtype=torch.bool)
 
     def _add_flat(self, pieces, sq_bounds) -> None:
         """Flat clipping: keep the pieces and add their bounds to the pass's total."""

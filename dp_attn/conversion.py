@@ -87,7 +87,10 @@ def _tie(first: nn.Module, second: nn.Module, p: nn.Parameter) -> nn.Module | No
 def private_layers(module: nn.Module) -> list[tuple[str, PrivateLayer]]:
     """The DP layers owning trainable parameters; refuses uncovered parameters and shared ones
     other than tied embeddings (an nn.Embedding and an nn.Linear head with one weight)."""
-    layers, owner, by_module, tied_embeddings = [], {}, {}, set()
+    layers: list[tuple[str, PrivateLayer]] = []
+    owner: dict[nn.Parameter, tuple[str, nn.Module]] = {}  # a parameter's first DP layer
+    by_module: dict[nn.Module, PrivateLayer] = {}
+    tied_embeddings: set[nn.Module] = set()
     for name, m in module.named_modules():
         if not isinstance(m, DPLayer):
             continue
@@ -182,7 +185,7 @@ class BufferGuard:
 
     def __init__(self, name: str, poison: Callable[[str], None]):
         self.name, self.poison = name, poison  # poison(reason): void the step (the Clipper's)
-        self.before: list[dict] = []  # one snapshot per forward in progress (nested calls)
+        self.before: list[dict | None] = []  # one snapshot per forward in progress (nested calls)
 
     def attach(self, module: nn.Module) -> None:
         module.register_forward_pre_hook(self.pre)

@@ -32,6 +32,7 @@ What one logical step does (docs/multi_gpu.md has the reasoning):
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,12 @@ from .checks import check_int, is_int
 from .conversion import CONVERSIONS, refuse_outside_gradient
 from .engine import PrivacyEngine
 from .kernels.noise import secure_noise_grid, snap_to_grid
-from .sampling import PoissonBatchSampler, PoissonDataLoader, StepCheckedLoader
+from .sampling import (
+    EmptyBatchCollate,
+    PoissonBatchSampler,
+    PoissonDataLoader,
+    StepCheckedLoader,
+)
 
 __all__ = [
     "DistributedPoissonBatchSampler",
@@ -166,6 +172,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 "torch.distributed.init_process_group first (or use PrivacyEngine)"
             )
         fsdp_modules = _fsdp2_modules(module)
+        group: dist.ProcessGroup | None  # None: the default group
         if isinstance(module, DistributedDataParallel):
             if fsdp_modules:
                 raise TypeError("module: DistributedDataParallel around an FSDP model is refused")
@@ -198,6 +205,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         material keyed by the unsharded object: route it to the sharded parameter's slice,
         and refuse gradients reaching it from outside its DP layer, as for the sharded one."""
         private = {p: name for name, p in self._params}
+        clipper = self._step_clipper
         registered = [
             (m, pname, p)
             for m in inner.modules()
@@ -209,8 +217,8 @@ class DistributedPrivacyEngine(PrivacyEngine):
             try:
                 for m, pname, sharded in registered:
                     unsharded = getattr(m, pname)
-                    if unsharded is not sharded and unsharded not in self._clipper.slices:
-                        self._clipper.alias(unsharded, sharded)
+                    if unsharded is not sharded and unsharded not in clipper.slices:
+                        clipper.alias(unsharded, sharded)
                         unsharded.register_hook(refuse_outside_gradient(private[sharded]))
             finally:
                 fsdp_module.reshard()
@@ -256,15 +264,15 @@ def _distributed_loader(loader: PoissonDataLoader, rank, world_size, generator):
         steps=len(loader),
         rank=rank,
         world_size=world_size,
-        collate_fn=loader.collate_fn.collate_fn,
+        collate_fn=cast(EmptyBatchCollate, loader.collate_fn).collate_fn,
         generator=generator,
         **kwargs,
     )
 
 
-def _fsdp2_modules(module: nn.Module) -> list[nn.Module]:
+def _fsdp2_modules(module: nn.Module) -> list[FSDPModule]:
     """The fully_shard-ed modules in `module` (itself included); refuses what is unsupported."""
-    found = []
+    found: list[FSDPModule] = []
     for name, m in module.named_modules():
         if isinstance(m, FullyShardedDataParallel):
             raise TypeError(

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import asdict
+from typing import cast
 
 import torch
 from torch import nn
@@ -97,8 +98,10 @@ class PrivacyEngine:
         self._stats = PrivacyStats()
         self._clipper: Clipper | None = None
         self._settings: dict | None = None
-        self._budget = None
-        self.grad_scaler = None  # make_private(grad_scaler=); read by DPOptimizer.step
+        self._budget: PrivacyBudget | None = None
+        self.grad_scaler: torch.amp.GradScaler | None = (
+            None  # make_private(grad_scaler=); read by DPOptimizer.step
+        )
 
     # ---- set-up
     def make_private(
@@ -205,7 +208,7 @@ class PrivacyEngine:
             criterion = _ghost_criterion(criterion, loss_reduction)
         loader = PoissonDataLoader.from_data_loader(data_loader, generator=generator)
         budget = None
-        if target_epsilon is not None:
+        if target_epsilon is not None and target_delta is not None:
             budget = PrivacyBudget(target_epsilon, target_delta, self.accountant)
 
         trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -226,7 +229,7 @@ class PrivacyEngine:
         self._secure_mode = secure_mode
         self.grad_scaler = grad_scaler
         self._sample_rate = loader.sample_rate
-        self._expected_batch_size = loader.sample_rate * len(loader.dataset)
+        self._expected_batch_size = loader.sample_rate * len(cast(Sized, loader.dataset))
         self._budget = budget
         self._params = [(name, p) for _, layer in layers for name, p in layer.params]
         tied_groups = {layer.module: layer.tied_to for _, layer in layers if layer.tied_to}
@@ -373,22 +376,31 @@ class PrivacyEngine:
         overrides this to keep only this rank's shard of an FSDP-sharded parameter)."""
         return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
+    @property
+    def _step_clipper(self) -> Clipper:
+        """The private model's Clipper, for the step methods (DPOptimizer exists only once
+        make_private has set it)."""
+        if self._clipper is None:
+            raise RuntimeError("make_private has not been called on this PrivacyEngine")
+        return self._clipper
+
     def discard_step(self) -> None:
         """Discard the step's clipped gradients (DPOptimizer.zero_grad)."""
-        self._clipper.clear()
+        self._step_clipper.clear()
 
     def release_step(self, noise_multiplier: float) -> None:
         """Release the step (DPOptimizer.step): refuse a misused step, check the budget, account,
         add the noise to the clipped sums, divide by q·N and set each p.grad."""
+        clipper = self._step_clipper
         # every check that can refuse the step comes before the accountant records it
-        self._clipper.check_releasable()
+        clipper.check_releasable()
         if self._budget is not None:
             self._budget.check(noise_multiplier, self._sample_rate)
         self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=self._sample_rate)
         try:
-            grads = self._clipper.take()
+            grads = clipper.take()
             if grads is None:
-                grads = torch.zeros(self._clipper.size, dtype=torch.float32, device=self._device())
+                grads = torch.zeros(clipper.size, dtype=torch.float32, device=self._device())
             # The certified sensitivity is C_tot·(1 + RELEASE_ROUNDING): scale the noise with it.
             sensitivity = self._total_threshold * (1.0 + RELEASE_ROUNDING)
             self._add_noise(grads, noise_multiplier * sensitivity)
@@ -396,7 +408,7 @@ class PrivacyEngine:
             for _, p in self._params:
                 if not p.requires_grad:
                     continue
-                grad = grads[self._clipper.slices[p]].view(p.shape)
+                grad = grads[clipper.slices[p]].view(p.shape)
                 if p in self._padding_rows:
                     grad[self._padding_rows[p]] = 0.0  # never trained: its true gradient is 0
                 p.grad = self._as_grad(p, grad)
@@ -404,7 +416,7 @@ class PrivacyEngine:
             self._stats.unreleased_steps += 1  # in ε, yet nothing (or not all) was released
             raise
         finally:
-            self._clipper.end_step()
+            clipper.end_step()
         self._stats.steps += 1
 
 

@@ -9,11 +9,11 @@ import torch
 from .checks import check_bool, check_int, is_int, is_real
 from .kernels import clipped_sum, embedding, noise, norm_affine, norm_bounds, per_example_norms
 from .kernels.flash_attn import (
+    attention_reference,
     check_attention_args,
     check_key_lengths_range,
     flash_attention_triton,
 )
-from .kernels.reference import attention_reference
 from .kernels.utils import FLOAT_DTYPES, check_nonnegative, check_same, check_tensor, use_triton
 
 __all__ = [
@@ -176,7 +176,7 @@ def clip_factors(
 
 def per_example_grad_norm_bounds(
     a: torch.Tensor, g: torch.Tensor, *, bias: bool = True
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified bounds (norm, release_error, underflow) of each example's linear-layer
     gradient, float64 [B] each.
 
@@ -282,7 +282,7 @@ def norm_affine_grad_sq_norms(
 
 def norm_affine_grad_norm_bounds(
     x_hat: torch.Tensor, g: torch.Tensor, *, bias: bool = True
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified bounds (norm, release_error, underflow) of each example's LayerNorm/RMSNorm
     affine gradient
     (for norm_affine_clipped_grad_sum), float64 [B] each; see per_example_grad_norm_bounds."""
@@ -348,7 +348,7 @@ def embedding_grad_sq_norms(
 
 def embedding_grad_norm_bounds(
     ids: torch.Tensor, g: torch.Tensor, *, padding_idx: int | None = None
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Certified bounds (norm, release_error, underflow) of each example's embedding-table
     gradient (for
     embedding_clipped_grad_sum), float64 [B] each; see per_example_grad_norm_bounds."""

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from fractions import Fraction
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch.utils.data import (
@@ -219,10 +219,11 @@ class PoissonDataLoader(StepCheckedLoader):
                 "dataset, wrap it in torch.utils.data.Subset and build the loader with "
                 "batch_size (and shuffle) only"
             )
-        if len(dataset) == 0:
+        size = len(cast(Sized, dataset))  # map-style: torch's Dataset type declares no __len__
+        if size == 0:
             raise ValueError("data_loader's dataset is empty")
-        if batch_size > len(dataset):
-            raise ValueError(f"batch_size ({batch_size}) exceeds the dataset size ({len(dataset)})")
+        if batch_size > size:
+            raise ValueError(f"batch_size ({batch_size}) exceeds the dataset size ({size})")
         kwargs = {
             "num_workers": data_loader.num_workers,
             "pin_memory": data_loader.pin_memory,
@@ -235,7 +236,7 @@ class PoissonDataLoader(StepCheckedLoader):
             kwargs["prefetch_factor"] = data_loader.prefetch_factor
         return cls(
             dataset,
-            batch_size / len(dataset),
+            batch_size / size,
             steps=len(data_loader),
             collate_fn=data_loader.collate_fn,
             generator=generator,

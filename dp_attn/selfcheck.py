@@ -13,8 +13,8 @@ import torch
 
 from dp_attn import functional
 from dp_attn.kernels.clipped_sum import clipped_grad_sum_reference
+from dp_attn.kernels.flash_attn import attention_reference
 from dp_attn.kernels.per_example_norms import per_example_grad_sq_norms_reference
-from dp_attn.kernels.reference import attention_reference
 from dp_attn.kernels.utils import backend_name
 
 # Allowed max abs error, relative to max(1, max |expected|), per input dtype.

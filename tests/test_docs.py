@@ -53,11 +53,18 @@ def test_every_name_in_all_exists(module_name):
     assert not missing, f"{module_name}.__all__ lists names it does not have: {missing}"
 
 
-def test_the_root_exports_all_of_functional():
+def test_the_root_exports_all_of_functional_and_the_engine():
     import dp_attn
-    from dp_attn import functional
+    from dp_attn import engine, functional
 
-    assert sorted(dp_attn._EXPORTS["functional"]) == sorted(functional.__all__)
+    assert set(dp_attn.__all__) == {*functional.__all__, "DPOptimizer", "PoissonDataLoader",
+                                    "PrivacyEngine"}  # fmt: skip
+    for name in functional.__all__:
+        assert getattr(dp_attn, name) is getattr(functional, name)
+    assert dp_attn.PrivacyEngine is engine.PrivacyEngine
+    namespace: dict = {}
+    exec("from dp_attn import *", namespace)
+    assert set(dp_attn.__all__) <= set(namespace)
 
 
 def test_flash_attention_is_exported_at_the_root():

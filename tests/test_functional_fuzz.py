@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dp_attn.functional as F
 from dp_attn.engine import PrivacyEngine
-from dp_attn.kernels import reference
+from dp_attn.kernels import flash_attn
 from dp_attn.kernels.clipped_sum import block_clipped_grad_sum_reference, clipped_grad_sum_reference
 from dp_attn.kernels.embedding import embedding_clipped_grad_sum_reference, embedding_grad_sq_norms
 from dp_attn.kernels.noise import add_gaussian_noise_reference, secure_noise_grid
@@ -547,7 +547,7 @@ def test_fuzz_flash_attention(data):
     ref_leaf = [t.detach().clone().requires_grad_(dtype in ACCEPTED_DTYPES) for t in (q, k, v)]
 
     def twin():
-        return reference.attention_reference(
+        return flash_attn.attention_reference(
             *ref_leaf, causal=causal, key_lengths=key_lengths, softmax_scale=softmax_scale
         )
 
@@ -559,7 +559,7 @@ def test_fuzz_flash_attention(data):
         scale = softmax_scale if softmax_scale is not None else dim**-0.5
         kv = k.float().repeat_interleave(heads // kv_heads, dim=1)
         scores = q.float() @ kv.transpose(-1, -2) * scale
-        visible = reference.attention_visibility(tq, tk, causal=causal, key_lengths=key_lengths)
+        visible = flash_attn.attention_visibility(tq, tk, causal=causal, key_lengths=key_lengths)
         all_neg_inf = (visible & ~(scores == -math.inf)).sum(-1).eq(0) & visible.any(-1)
         if all_neg_inf.any():
             assert got.detach()[all_neg_inf].eq(0).all() and want[all_neg_inf].isnan().all()

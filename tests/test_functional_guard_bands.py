@@ -24,13 +24,13 @@ from dp_attn import functional as F
 from dp_attn.kernels import clipped_sum, embedding, flash_attn, norm_affine, per_example_norms
 from dp_attn.kernels.clipped_sum import block_clipped_grad_sum_reference, clipped_grad_sum_reference
 from dp_attn.kernels.embedding import embedding_clipped_grad_sum_reference
+from dp_attn.kernels.flash_attn import attention_reference
 from dp_attn.kernels.noise import add_gaussian_noise_reference
 from dp_attn.kernels.norm_affine import (
     norm_affine_clipped_grad_sum_reference,
     norm_affine_grad_sq_norms_reference,
 )
 from dp_attn.kernels.per_example_norms import per_example_grad_sq_norms_reference
-from dp_attn.kernels.reference import attention_reference
 
 GUARD = 1 << 15  # elements on each side: more than any block of any kernel reaches
 SENTINEL = 12345.0

@@ -8,12 +8,15 @@ from typing import Any, TypeGuard
 import numpy as np
 from scipy import special, stats
 
+from dp_attn.checks import is_int, is_real
+
 # Bisection on ε stops when the bracket is this narrow.
 _EPSILON_TOLERANCE = 1e-9
 
 
 def _is_int(value: object) -> TypeGuard[int | np.integer[Any]]:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    """An int as checks.is_int, or a NumPy integer (counts often come out of NumPy)."""
+    return is_int(value) or isinstance(value, np.integer)
 
 
 def _check_counts(num_guesses: int, num_correct: int, num_canaries: int) -> None:
@@ -32,7 +35,7 @@ def _check_counts(num_guesses: int, num_correct: int, num_canaries: int) -> None
 
 
 def _check_probability(name: str, value: object, *, low_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (0.0 < value < 1.0 if low_open else 0.0 <= value < 1.0):
         interval = "(0, 1)" if low_open else "[0, 1)"
@@ -47,7 +50,7 @@ def p_value(
     canaries and `num_guesses` guesses (the right-hand side of the theorem, capped at 1)."""
     _check_counts(num_guesses, num_correct, num_canaries)
     delta = _check_probability("delta", delta, low_open=False)
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
+    if not is_real(epsilon) or not epsilon >= 0:
         raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
     return _p_value(num_guesses, num_correct, float(epsilon), num_canaries, delta)
 

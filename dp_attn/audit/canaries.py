@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from dp_attn.audit.bound import _is_int
+from dp_attn.checks import check_real
 
 
 def dirac_canaries(
@@ -35,13 +35,10 @@ def dirac_canaries(
             f"count ({count}) exceeds the number of weight coordinates "
             f"({in_features}·{out_features}): each canary needs its own coordinate"
         )
-    if isinstance(norm, bool) or not isinstance(norm, (int, float)):
-        raise TypeError(f"norm must be a number, got {type(norm).__name__}")
-    if not (math.isfinite(norm) and norm > 0):
-        raise ValueError(f"norm must be a finite number > 0, got {norm}")
+    norm = check_real("norm", norm, positive=True)
     index = torch.arange(count)
     inputs = torch.zeros(count, in_features)
-    inputs[index, index % in_features] = float(norm)
+    inputs[index, index % in_features] = norm
     directions = torch.zeros(count, out_features)
     directions[index, index // in_features] = 1.0
     return TensorDataset(inputs, directions)

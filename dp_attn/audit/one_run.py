@@ -19,6 +19,7 @@ from torch.utils.data.dataloader import default_collate
 
 from dp_attn.audit.bound import _check_probability, _is_int
 from dp_attn.audit.scores import ScoreAudit, _guess_counts, audit_scores
+from dp_attn.checks import is_real
 
 
 class _MapDataset(Protocol):
@@ -180,11 +181,11 @@ def audit_one_run(
 
     if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)):
+    if not is_real(sample_rate):
         raise TypeError(f"sample_rate must be a number, got {type(sample_rate).__name__}")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+    if not is_real(max_grad_norm):
         raise TypeError(f"max_grad_norm must be a number, got {type(max_grad_norm).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")

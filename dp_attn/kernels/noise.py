@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import is_int
 from .utils import checked_grid
 
 NOISE_LANES = 2  # elements of a released tensor per Philox counter: one Box-Muller pair
@@ -56,7 +57,7 @@ def noise_key(seed: int | None) -> int:
     """
     if seed is None:
         return secrets.randbits(128)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**128:
+    if not is_int(seed) or not 0 <= seed < 2**128:
         raise ValueError(f"seed must be None or an int in [0, 2**128), got {seed!r}")
     return seed
 

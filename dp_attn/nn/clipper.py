@@ -69,7 +69,7 @@ class GradientClipper(Protocol):
         ...
 
 
-class DPLayer:
+class DPLayer(nn.Module):
     """Base of the DP layers (mixed into their torch classes): `dp_clipper` is None until
     make_private attaches the engine's clipper; while None the layer computes what its torch
     counterpart computes, and autograd fills `.grad` as usual."""

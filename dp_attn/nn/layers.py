@@ -98,11 +98,11 @@ class DPEmbedding(DPLayer, nn.Embedding):
         check_embedding(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not is_recording(self):
-            return F.embedding(input, self.weight, self.padding_idx)
         clipper = self.dp_clipper
+        if clipper is None or not is_recording(self):
+            return F.embedding(input, self.weight, self.padding_idx)
         if input.dim() >= 2:
-            clipper.forward_token_shape = tuple(input.shape[:2])
+            clipper.forward_token_shape = (input.shape[0], input.shape[1])
         else:
             input = _per_example_positions(self, input, clipper.forward_token_shape)
         return DPEmbeddingFunction.apply(self, input, self.weight)

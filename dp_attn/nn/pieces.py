@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .. import functional as DF
 from ..kernels.norm_bounds import (
@@ -62,8 +61,8 @@ class LinearTarget:
     whole weight, stored [in, out] (DPConv1D; no row slices, splits = 1), receives the
     transpose of the [out, in] gradient."""
 
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: torch.Tensor  # a Parameter (torch's layers declare theirs as Tensor)
+    bias: torch.Tensor | None
     weight_rows: slice | None = None
     bias_rows: slice | None = None
     splits: int = 1
@@ -172,14 +171,14 @@ class NormPiece:
 
     def clipped_sums(self, clip_factors: torch.Tensor):
         if self.weight is None:
-            bias = _bias_clipped_sum(self.g, clip_factors)
-            return [(self.bias, None, bias.view(self.bias.shape))]
-        weight, bias = DF.norm_affine_clipped_grad_sum(
+            bias_only = _bias_clipped_sum(self.g, clip_factors)
+            return [(self.bias, None, bias_only.view(self.bias.shape))]
+        weight_sum, bias_sum = DF.norm_affine_clipped_grad_sum(
             self.x_hat, self.g, clip_factors, bias=self.bias is not None, out_dtype=torch.float32
         )
-        out = [(self.weight, None, weight.view(self.weight.shape))]
-        if bias is not None:
-            out.append((self.bias, None, bias.view(self.bias.shape)))
+        out = [(self.weight, None, weight_sum.view(self.weight.shape))]
+        if bias_sum is not None:
+            out.append((self.bias, None, bias_sum.view(self.bias.shape)))
         return out
 
 

@@ -155,6 +155,8 @@ def test_accounting_and_its_cli_import_neither_torch_nor_triton():
         "import sys\n"
         "import dp_attn.accounting\n"
         "from dp_attn.cli import main\n"
+        "import dp_attn\n"
+        "assert not hasattr(dp_attn, '__wrapped__')\n"  # an attribute probe (inspect's)
         "main(['epsilon', '--noise-multiplier', '1', '--sample-rate', '0.01', '--steps', '10',"
         " '--delta', '1e-5'])\n"
         "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))\n"
