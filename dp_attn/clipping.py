@@ -348,6 +348,16 @@ class Clipper:
                 "examples of the data loader's batch: call loss.backward() first (an empty "
                 "batch may be stepped without one)"
             )
+        if self.delivered is not None and self.step_examples != self.delivered:
+            # Fewer rows than examples: part of the batch never clipped, or rows that are not
+            # examples (a batch fed time-first) or one example's rows clipped twice.
+            raise RuntimeError(
+                f"optimizer.step() refused: the backward passes of this step went over "
+                f"{self.step_examples} of the {self.delivered} examples of the data loader's "
+                "batch. Every example must go through one backward pass per step: micro-batches "
+                "must partition the batch, and dim 0 of every DP layer's input must index the "
+                "examples. Call optimizer.zero_grad() to discard them, then redo the step"
+            )
         if self.delivered is None and self.step_examples and not self._warned_unchecked:
             self._warned_unchecked = True
             warnings.warn(

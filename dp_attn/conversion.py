@@ -91,6 +91,7 @@ def private_layers(module: nn.Module) -> list[tuple[str, PrivateLayer]]:
     owner: dict[nn.Parameter, tuple[str, nn.Module]] = {}  # a parameter's first DP layer
     by_module: dict[nn.Module, PrivateLayer] = {}
     tied_embeddings: set[nn.Module] = set()
+    head_of: dict[nn.Module, str] = {}  # a tied embedding's one head
     for name, m in module.named_modules():
         if not isinstance(m, DPLayer):
             continue
@@ -118,6 +119,18 @@ def private_layers(module: nn.Module) -> list[tuple[str, PrivateLayer]]:
                         f"is the sum over its uses. Untie it, e.g. model.{full} = "
                         f"nn.Parameter(model.{first_name}.detach().clone()), or freeze it"
                     )
+                head = first_name.rpartition(".")[0] if embedding is m else name
+                if embedding in head_of:
+                    # The group's bound has one cross term (embedding and head); more heads
+                    # would add their aligned uses in quadrature.
+                    raise ValueError(
+                        f"parameter {full}: the DP layers {head_of[embedding]} and {head} both "
+                        "use the weight of one embedding as their output weight; a tied "
+                        "embedding may have one nn.Linear head. Untie the others, e.g. "
+                        f"model.{full} = nn.Parameter(model.{full}.detach().clone()), or "
+                        "freeze it"
+                    )
+                head_of[embedding] = head
                 # The weight stays with its first layer; the group is the embedding's.
                 if embedding is m:
                     by_module[first].tied_to = m

@@ -159,6 +159,30 @@ def test_other_shared_parameters_are_refused_naming_both_layers():
         )
 
 
+@pytest.mark.parametrize("order", ["emb-head-head", "head-emb-head", "head-head-emb"])
+def test_an_embedding_tied_to_two_heads_is_refused_in_any_module_order(order):
+    """One weight as an embedding and two heads: its per-example gradient sums three uses,
+    whose bound held only the embedding-first-head cross term (two aligned heads released
+    1.414·C, four 2.0·C, when the embedding came first in named_modules). Only one head is
+    supported: refused, naming the layers, whatever the order of the modules."""
+    model = nn.Module()
+    for name in order.split("-"):
+        index = sum(1 for n in dict(model.named_children()) if n.startswith(name))
+        layer = nn.Embedding(VOCAB, DIM) if name == "emb" else nn.Linear(DIM, VOCAB, bias=False)
+        model.add_module(f"{name}{index}", layer)
+    weight = model.emb0.weight
+    model.head0.weight = model.head1.weight = weight
+    with pytest.raises(ValueError, match=r"DP layers head0 and head1 (both use|share)"):
+        PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=2),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
+    assert all(type(m) in (nn.Module, nn.Embedding, nn.Linear) for m in model.modules())
+
+
 def test_opacus_per_parameter_thresholds_cover_a_tied_group():
     """Opacus' per_layer list (one threshold per parameter): the tied group's threshold is
     sqrt(Σ C_p²) over the tied weight and the head's bias, and mix's over its two."""

@@ -57,8 +57,8 @@ def test_the_root_exports_all_of_functional_and_the_engine():
     import dp_attn
     from dp_attn import engine, functional
 
-    assert set(dp_attn.__all__) == {*functional.__all__, "DPOptimizer", "PoissonDataLoader",
-                                    "PrivacyEngine"}  # fmt: skip
+    engine_names = {"DPOptimizer", "PoissonDataLoader", "PrivacyEngine"}
+    assert set(dp_attn.__all__) == {*functional.__all__, *engine_names}
     for name in functional.__all__:
         assert getattr(dp_attn, name) is getattr(functional, name)
     assert dp_attn.PrivacyEngine is engine.PrivacyEngine

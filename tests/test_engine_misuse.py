@@ -95,6 +95,32 @@ def test_two_backward_passes_over_one_batch_are_refused():
     assert accounted(engine) == 1
 
 
+def test_a_step_over_part_of_the_batch_is_refused():
+    """Before: a batch of 4 fed time-first ([T=2, B=4, d]: the DP layers took the 2 positions
+    for 2 examples, each mixing all 4) released 2·C for each position, and one example's
+    micro-batch backward twice (2 of the 4 examples' worth) released 2·C for it; both were
+    accounted as an ordinary step. Every example of the batch must go through one backward
+    pass before step()."""
+    for misuse in ("time-first", "repeated micro-batch"):
+        engine, model, opt, loader = private(n=16, batch_size=8, seed=2)
+        batches = stream(loader)
+        x = next_batch(batches, size=4)
+        opt.zero_grad()
+        if misuse == "time-first":
+            backward(model, x.transpose(0, 1))  # 2 "examples" of 4 rows each
+        else:
+            backward(model, x[:1])
+            backward(model, x[:1])
+        with pytest.raises(RuntimeError, match=r"over 2 of the 4 examples.*partition"):
+            opt.step()
+        assert accounted(engine) == 0 and engine.stats.unreleased_steps == 0
+        opt.zero_grad()
+        backward(model, x)  # the same batch, used properly
+        opt.step()
+        assert accounted(engine) == 1
+        assert released_bounds(engine, model) <= 4 * (1 + 1e-5)
+
+
 def test_accumulating_loader_batches_into_one_step_is_refused():
     """Before: four Poisson batches accumulated into one step were accounted as one step."""
     engine, model, opt, loader = private(seed=1)
