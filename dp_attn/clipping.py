@@ -115,6 +115,9 @@ class Clipper:
         self.delivered: int | None = None  # size of the loader's batch for this step
         self.loader_in_use = False  # the engine's loader has delivered a batch
         self.step_examples = 0  # examples that entered a backward pass in this step
+        # a backward pass touched the loader's batch for this step (zero_grad keeps it: the
+        # batch must still be stepped)
+        self.batch_used = False
         self.poisoned: str | None = None  # why this step's buffer must not be released
         self._warned_unchecked = False
         self.grad_scaler = grad_scaler  # make_private(grad_scaler=): backward passes see S·loss
@@ -190,6 +193,7 @@ class Clipper:
             torch.autograd.Variable._execution_engine.queue_callback(end_of_pass)
             self._pass_alive = weakref.ref(end_of_pass)
             self.step_examples += batch
+            self.batch_used = self.batch_used or (batch > 0 and self.delivered is not None)
             self._pass_open, self._pass_batch = True, batch
             # One read (a device sync) per pass: the scale only changes in scaler.update().
             scaler = self.grad_scaler
@@ -303,10 +307,18 @@ class Clipper:
             raise RuntimeError(
                 "the data loader was asked for its next batch while this step already holds "
                 f"the clipped gradients of {self.step_examples} examples: call "
-                "optimizer.step() (or optimizer.zero_grad() to discard them) before drawing "
-                "the next batch. Each Poisson batch is one step; to accumulate gradients, split "
-                "one batch into micro-batches (forward and backward on slices of it) and call "
-                "optimizer.step() once"
+                "optimizer.step() before drawing the next batch. Each Poisson batch is one "
+                "step; to accumulate gradients, split one batch into micro-batches (forward and "
+                "backward on slices of it) and call optimizer.step() once"
+            )
+        if self.batch_used:
+            raise RuntimeError(
+                "the data loader was asked for its next batch after this step's batch went "
+                "through a backward pass and was discarded by optimizer.zero_grad() without "
+                "optimizer.step(): skipping a batch because of what happened in it (an error, "
+                "its size, its loss) depends on the data, which ε does not cover. Redo its "
+                "forward and backward passes (in micro-batches if it ran out of memory) and "
+                "call optimizer.step()"
             )
         self.delivered, self.loader_in_use = size, True
 
@@ -370,7 +382,7 @@ class Clipper:
 
     def end_step(self) -> None:
         """The step was accounted: its batch is used up."""
-        self.delivered, self.step_examples = None, 0
+        self.delivered, self.step_examples, self.batch_used = None, 0, False
 
     @property
     def pass_open(self) -> bool:

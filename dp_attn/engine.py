@@ -43,7 +43,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import functional as DF
-from .accounting import PrivacyBudget, calibrate_noise_multiplier, make_accountant
+from .accounting import (
+    BudgetExceededError,
+    PrivacyBudget,
+    calibrate_noise_multiplier,
+    make_accountant,
+)
 from .checks import check_bool, check_int, check_real
 from .clipping import Clipper, PrivacyStats, clip_thresholds, thresholds_of_parameters
 from .conversion import (
@@ -395,7 +400,14 @@ class PrivacyEngine:
         # every check that can refuse the step comes before the accountant records it
         clipper.check_releasable()
         if self._budget is not None:
-            self._budget.check(noise_multiplier, self._sample_rate)
+            try:
+                self._budget.check(noise_multiplier, self._sample_rate)
+            except BudgetExceededError:
+                # Refused for a reason that does not depend on the data: the batch is dropped
+                # with its sums, so the loader stays usable and none of it reaches a later step.
+                clipper.clear()
+                clipper.end_step()
+                raise
         self.accountant.step(noise_multiplier=noise_multiplier, sample_rate=self._sample_rate)
         try:
             grads = clipper.take()

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 import dp_attn.functional as DF
+from dp_attn.accounting import BudgetExceededError
 from dp_attn.engine import PoissonDataLoader, PrivacyEngine
 from dp_attn.nn.pieces import LinearPiece
 from tests.test_engine import flat_grads, linear_model
@@ -93,6 +94,72 @@ def test_two_backward_passes_over_one_batch_are_refused():
     opt.step()
     assert released_bounds(engine, model) == pytest.approx(1.0, rel=1e-4)
     assert accounted(engine) == 1
+
+
+def test_a_batch_discarded_after_its_backward_cannot_be_skipped():
+    """Before: backward, zero_grad() (which the "next batch" refusal itself suggested), then
+    the next batch: the discarded batch was never released nor accounted. Skipping a batch
+    because of what happened in it (its size ran out of memory, its loss was NaN) depends on
+    the data, and ε does not cover it: the batch must be redone and stepped."""
+    engine, model, opt, loader = private(n=16, batch_size=8, seed=2)
+    batches = stream(loader)
+    x = next_batch(batches, size=4)
+    opt.zero_grad()
+    backward(model, x)
+    with pytest.raises(RuntimeError, match=r"next batch .*optimizer\.step\(\)"):
+        next(iter(loader))
+    opt.zero_grad()  # discards the sums: the batch is still this step's
+    with pytest.raises(RuntimeError, match=r"discarded .*zero_grad.*depends on the data"):
+        next(iter(loader))
+    assert accounted(engine) == 0
+    for part in x.chunk(2):  # redone, in two micro-batches
+        backward(model, part)
+    opt.step()
+    assert accounted(engine) == 1 and released_bounds(engine, model) <= 4 * (1 + 1e-5)
+    next(iter(loader))  # the next step's batch, drawn after the step
+
+
+def test_a_batch_drawn_and_never_used_may_be_left():
+    """A batch that no backward pass touched released nothing that depends on it: leaving it
+    (a loop that stops early) is allowed, and the next batch is drawn as usual."""
+    engine, model, opt, loader = private(n=16, batch_size=8, seed=2)
+    batches = stream(loader)
+    next_batch(batches, size=4)
+    x = next(batches)[0]
+    opt.zero_grad()
+    backward(model, x)
+    opt.step()
+    assert accounted(engine) == 1
+
+
+def test_a_batch_refused_by_the_budget_is_dropped_with_its_sums():
+    """The budget refuses a step for a reason that does not depend on the data: its batch may
+    be left (the loader stays usable), and its clipped sums never reach a later step, even one
+    whose larger noise multiplier the budget allows."""
+    engine = PrivacyEngine(accountant="rdp")
+    model = linear_model()
+    model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(dataset(8), batch_size=4),
+        noise_multiplier=0.0,  # an infinite ε: the budget refuses the step
+        max_grad_norm=C,
+        target_epsilon=3.0,
+        target_delta=1e-5,
+        generator=torch.Generator().manual_seed(2),
+    )
+    engine._add_noise = lambda grads, std: None  # the release is the clipped sum itself
+    batches = stream(loader)
+    opt.zero_grad()
+    backward(model, next_batch(batches, size=4))
+    with pytest.raises(BudgetExceededError):
+        opt.step()
+    assert accounted(engine) == 0
+    backward(model, next_batch(batches, size=1))  # the next batch is drawn
+    opt.noise_multiplier = 10.0
+    opt.step()
+    assert accounted(engine) == 1
+    assert released_bounds(engine, model) == pytest.approx(1.0, rel=1e-4)  # one example's C
 
 
 def test_a_step_over_part_of_the_batch_is_refused():

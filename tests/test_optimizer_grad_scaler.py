@@ -174,10 +174,11 @@ def test_step_the_scaler_skips_is_accounted_once_and_does_not_leak():
         torch.testing.assert_close(got, g, rtol=1e-5, atol=1e-7)
 
 
-def test_step_not_taken_then_zero_grad_accounts_one_step_of_the_second_batch():
-    """A loop that skips optimizer.step for a batch (the GradScaler idiom's skipped step):
-    zero_grad discards its clipped sums; the next step is the only one accounted and
-    releases only its own batch."""
+def test_a_batch_backward_then_zero_grad_must_be_redone_not_skipped():
+    """A loop that skips optimizer.step for a batch after its backward pass (say, on an inf
+    loss) and calls zero_grad: the skip depends on the batch, which ε does not cover, so the
+    next batch is refused; the batch redone and stepped is the one step accounted, and it
+    releases only its own examples."""
     model = make_model()
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
     engine, private_model, optimizer, loader = private(
@@ -187,14 +188,15 @@ def test_step_not_taken_then_zero_grad_accounts_one_step_of_the_second_batch():
     x1, y1 = next(batches)
     optimizer.zero_grad()
     scaler.scale(F.cross_entropy(private_model(x1), y1)).backward()
-    optimizer.zero_grad()  # skipped: no step for this batch
-    x2, y2 = next(batches)
-    scaler.scale(F.cross_entropy(private_model(x2), y2)).backward()
+    optimizer.zero_grad()  # the step skipped
+    with pytest.raises(RuntimeError, match=r"discarded by optimizer\.zero_grad\(\)"):
+        next(batches)
+    scaler.scale(F.cross_entropy(private_model(x1), y1)).backward()  # redone
     scaler.step(optimizer)
     scaler.update()
     assert engine.stats.steps == 1
     assert sum(s["count"] for s in engine.accountant.state_dict()["history"]) == 1
-    for got, g in zip(grads(private_model), plain_release(model, 0.5, x2, y2), strict=True):
+    for got, g in zip(grads(private_model), plain_release(model, 0.5, x1, y1), strict=True):
         torch.testing.assert_close(got, g, rtol=1e-5, atol=1e-7)
 
 
