@@ -89,3 +89,49 @@ def test_unplaceable_one_dimensional_ids_are_refused_at_the_forward():
     model.wte(torch.zeros(BATCH, 5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"DPEmbedding got 1-D ids of length 3.*expand"):
         model.wpe(torch.arange(3))
+
+
+class LearnedPositionsOnly(nn.Module):
+    """ViT-style learned positions: patch features [B, N, d] + pos(arange(N)), no batched
+    embedding lookup in the forward to tell the 1-D ids are positions."""
+
+    def __init__(self, patches):
+        super().__init__()
+        self.patch, self.pos = nn.Linear(DIM, DIM), nn.Embedding(patches, DIM)
+
+    def forward(self, x):
+        return self.patch(x) + self.pos(torch.arange(x.shape[1]))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known break, needs its own issue: 1-D ids as long as the batch are taken for one "
+    "id per example, so positions shared by the batch (N == B) are clipped as if each were an "
+    "example, while each sums every example's gradient",
+)
+def test_positions_shared_by_a_batch_as_long_as_the_sequence_stay_within_the_bound():
+    """Replacing one example moves a noise-free release by at most 2·C. Measured before any
+    fix: 2.65·C (B = N = 4; with N != B the pass fails loudly instead)."""
+
+    def release(x):
+        torch.manual_seed(0)
+        model = LearnedPositionsOnly(x.shape[1])
+        model.patch.requires_grad_(False)
+        engine = PrivacyEngine()
+        model, optimizer, _ = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            data_loader=DataLoader(TensorDataset(torch.zeros(2 * BATCH, 1)), batch_size=BATCH),
+            noise_multiplier=0.0,
+            max_grad_norm=1.0,
+            loss_reduction="sum",
+        )
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+        return model.pos.weight.grad * engine._expected_batch_size
+
+    x = torch.randn(BATCH, BATCH, DIM, generator=torch.Generator().manual_seed(0))
+    neighbour = x.clone()
+    neighbour[0] = -50.0  # one example replaced
+    assert float((release(x) - release(neighbour)).norm()) <= 2.0 * (1 + 1e-5)
