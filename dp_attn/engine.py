@@ -104,9 +104,8 @@ class PrivacyEngine:
         self._clipper: Clipper | None = None
         self._settings: dict | None = None
         self._budget: PrivacyBudget | None = None
-        self.grad_scaler: torch.amp.GradScaler | None = (
-            None  # make_private(grad_scaler=); read by DPOptimizer.step
-        )
+        # make_private(grad_scaler=); read by DPOptimizer.step
+        self.grad_scaler: torch.amp.GradScaler | None = None
 
     # ---- set-up
     def make_private(
